@@ -1,0 +1,326 @@
+"""Per-token log-probs of target tokens straight from hidden states and the LM-head weight.
+
+Shapes: N tokens reaching the head, H hidden size, V vocabulary, S vocabulary splits (partials).
+
+    z_tv    = (h_t . W_v + b_v) / temperature          never stored whole
+    lse_t   = logsumexp_v z_tv
+    logp_t  = z_t,y_t - lse_t                           fp32, 0 where y_t == ignore_index
+
+Backward, for an upstream gradient g_t = dL/dlogp_t and p_tv = exp(z_tv - lse_t):
+
+    dz_tv = g_t (1[v = y_t] - p_tv) / temperature
+    dh_t  = sum_v dz_tv W_v        dW_v = sum_t dz_tv h_t        db_v = sum_t dz_tv
+
+Both implementations sweep the vocabulary in tiles and keep, per (token, tile), the partial statistics
+of `Partials`; `combine_partials` merges them exactly (m = max_k m_k, s = sum_k s_k e^(m_k - m)). The
+Triton path (`fastpo.kernels.logprobs`, CUDA or `TRITON_INTERPRET=1`) computes the partials in a fused
+GEMM + epilogue kernel; the torch path below computes them chunk by chunk in plain PyTorch with memory
+bounded by `chunk_tokens * chunk_vocab`, never by N * V. It is the CPU path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+EXTRA_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+IMPLS = ("auto", "triton", "torch")
+
+
+class TokenStats(NamedTuple):
+    """Per-token statistics, all `[N]`. Only `logp` carries a gradient; unrequested extras are None.
+
+    entropy          -sum_v p_tv log p_tv
+    log_sum_sq_probs log sum_v p_tv^2   (WPO weights)
+    mean_logits      (1/V) sum_v z_tv   (TRL's `logits/*` metrics)
+    is_top1          argmax_v z_tv == y_t, first index on ties (bool)
+    """
+
+    logp: torch.Tensor
+    entropy: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+
+
+class Partials(NamedTuple):
+    """Online log-sum-exp statistics of one vocabulary split, each `[S, N]` fp32.
+
+    m      max_v z                      s      sum_v e^(z - m)
+    zy     z at the target (0 if the target is not in the split)
+    ent    sum_v e^(z - m) z            sq     sum_v e^(2(z - m))
+    zsum   sum_v z                      before max of z over columns left of the target
+    """
+
+    m: torch.Tensor
+    s: torch.Tensor
+    zy: torch.Tensor
+    ent: torch.Tensor
+    sq: torch.Tensor
+    zsum: torch.Tensor
+    before: torch.Tensor
+
+
+@dataclass(frozen=True)
+class HeadParams:
+    """Non-tensor arguments of the head op, passed to autograd Functions as one value."""
+
+    ignore_index: int = -100
+    scale: float = 1.0
+    """1 / temperature."""
+    extras: bool = False
+    """Compute the `EXTRA_OUTPUTS` in the same pass."""
+    chunk_tokens: int = 1024
+    chunk_vocab: int = 8192
+
+
+def combine_partials(p: Partials, valid_N: torch.Tensor, vocab_size: int, extras: bool):
+    """Merge the splits of `p` into `(TokenStats, lse_N)`; rows outside `valid_N` give 0."""
+    m = p.m.amax(0)
+    w = torch.exp(p.m - m)
+    s = (p.s * w).sum(0)
+    lse = m + torch.log(s)
+    zy = p.zy.sum(0)
+    zero = torch.zeros((), dtype=torch.float32, device=m.device)
+    stats = TokenStats(logp=torch.where(valid_N, zy - lse, zero))
+    if extras:
+        # entropy = lse - E_p[z];  log sum p^2 = log sum e^(2(z - m)) - 2 log s
+        entropy = lse - (p.ent * w).sum(0) / s
+        log_sum_sq = torch.log((p.sq * w * w).sum(0)) - 2 * torch.log(s)
+        stats = stats._replace(
+            entropy=torch.where(valid_N, entropy, zero),
+            log_sum_sq_probs=torch.where(valid_N, log_sum_sq, zero),
+            mean_logits=torch.where(valid_N, p.zsum.sum(0) / vocab_size, zero),
+            is_top1=valid_N & (zy >= m) & (zy > p.before.amax(0)),
+        )
+    return stats, torch.where(valid_N, lse, zero)
+
+
+def pack_extras(stats: TokenStats) -> torch.Tensor:
+    """The four extras as one `[4, N]` fp32 tensor (autograd Functions return tensors only)."""
+    return torch.stack([stats.entropy, stats.log_sum_sq_probs, stats.mean_logits, stats.is_top1.float()])
+
+
+def unpack_extras(logp: torch.Tensor, extras_4N: torch.Tensor | None) -> TokenStats:
+    if extras_4N is None or extras_4N.numel() == 0:
+        return TokenStats(logp=logp)
+    entropy, log_sum_sq, mean_logits, is_top1 = extras_4N.unbind(0)
+    return TokenStats(logp, entropy, log_sum_sq, mean_logits, is_top1 > 0.5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch implementation: chunked over tokens and vocabulary, fp32 logits, bounded memory
+# ----------------------------------------------------------------------------------------------------
+
+
+def _logits_f32(hidden_nH, weight_vH, bias_v, scale):
+    """fp32 logits of one (token chunk, vocab chunk) tile, from an fp32 GEMM accumulator."""
+    if hidden_nH.is_cuda and hidden_nH.dtype in (torch.bfloat16, torch.float16):
+        z = torch.mm(hidden_nH, weight_vH.T, out_dtype=torch.float32)
+    else:
+        acc = _acc_dtype(hidden_nH)
+        z = hidden_nH.to(acc) @ weight_vH.to(acc).T
+    if bias_v is not None:
+        z = z + bias_v.to(z.dtype)
+    return z * scale
+
+
+def _acc_dtype(x):
+    """Accumulation dtype: fp32, or float64 for float64 inputs (exact checks at tiny shapes)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _tile_partials(z_nv, y_n, v0, extras):
+    """Partials of one tile `z_nv` whose first column is vocabulary index `v0`."""
+    m = z_nv.amax(-1)
+    e = torch.exp(z_nv - m[:, None])
+    local_y = y_n - v0
+    hit = (local_y >= 0) & (local_y < z_nv.shape[1])
+    zy = torch.where(hit, z_nv.gather(1, local_y.clamp(0, z_nv.shape[1] - 1)[:, None]).squeeze(1), 0.0)
+    if not extras:
+        return m, e.sum(-1), zy, None, None, None, None
+    cols = torch.arange(z_nv.shape[1], device=z_nv.device)
+    before = torch.where(cols[None, :] < local_y[:, None], z_nv, -math.inf).amax(-1)
+    return m, e.sum(-1), zy, (e * z_nv).sum(-1), (e * e).sum(-1), z_nv.sum(-1), before
+
+
+def _torch_forward(hidden_NH, weight_VH, bias_V, targets_N, params: HeadParams):
+    valid_N = targets_N != params.ignore_index
+    V = weight_VH.shape[0]
+    stats_chunks, lse_chunks = [], []
+    for n0 in range(0, hidden_NH.shape[0], params.chunk_tokens):
+        h = hidden_NH[n0 : n0 + params.chunk_tokens]
+        y = targets_N[n0 : n0 + params.chunk_tokens]
+        tiles = []
+        for v0 in range(0, V, params.chunk_vocab):
+            b = None if bias_V is None else bias_V[v0 : v0 + params.chunk_vocab]
+            z = _logits_f32(h, weight_VH[v0 : v0 + params.chunk_vocab], b, params.scale)
+            tiles.append(_tile_partials(z, y, v0, params.extras))
+        partials = Partials(*(torch.stack(t) if t[0] is not None else None for t in zip(*tiles)))
+        stats, lse = combine_partials(partials, valid_N[n0 : n0 + params.chunk_tokens], V, params.extras)
+        stats_chunks.append(stats)
+        lse_chunks.append(lse)
+    stats = TokenStats(*(None if f[0] is None else torch.cat(f) for f in zip(*stats_chunks)))
+    return stats, torch.cat(lse_chunks)
+
+
+def _torch_backward(grad_N, hidden_NH, weight_VH, bias_V, targets_N, lse_N, params: HeadParams, needs):
+    """dz = g (onehot(y) - p) * scale, recomputed per tile; dh, dW and db accumulate in fp32."""
+    V = weight_VH.shape[0]
+    acc = _acc_dtype(hidden_NH)
+    g_N = torch.where(targets_N != params.ignore_index, grad_N.to(acc), 0.0)
+    dh = torch.zeros(hidden_NH.shape, dtype=acc, device=hidden_NH.device) if needs[0] else None
+    dW = torch.zeros(weight_VH.shape, dtype=acc, device=weight_VH.device) if needs[1] else None
+    db = torch.zeros(V, dtype=acc, device=weight_VH.device) if needs[2] else None
+    for n0 in range(0, hidden_NH.shape[0], params.chunk_tokens):
+        sl = slice(n0, n0 + params.chunk_tokens)
+        h, y, g, lse = hidden_NH[sl], targets_N[sl], g_N[sl], lse_N[sl]
+        for v0 in range(0, V, params.chunk_vocab):
+            w = weight_VH[v0 : v0 + params.chunk_vocab]
+            b = None if bias_V is None else bias_V[v0 : v0 + params.chunk_vocab]
+            z = _logits_f32(h, w, b, params.scale)
+            dz = -g[:, None] * torch.exp(z - lse[:, None])
+            local_y = y - v0
+            hit = (local_y >= 0) & (local_y < w.shape[0])
+            # + g at the target column, in fp32: (1 - p_y) never rounds before the subtraction
+            dz.scatter_add_(1, local_y.clamp(0, w.shape[0] - 1)[:, None], torch.where(hit, g, 0.0)[:, None])
+            dz = dz * params.scale
+            if dh is not None:
+                dh[sl] += dz @ w.to(acc)
+            if dW is not None:
+                dW[v0 : v0 + w.shape[0]] += dz.T @ h.to(acc)
+            if db is not None:
+                db[v0 : v0 + w.shape[0]] += dz.sum(0)
+    return dh, dW, db
+
+
+class TorchLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden_NH, weight_VH, bias_V, targets_N, params: HeadParams):
+        stats, lse = _torch_forward(hidden_NH, weight_VH, bias_V, targets_N, params)
+        ctx.save_for_backward(hidden_NH, weight_VH, bias_V, targets_N, lse)
+        ctx.params = params
+        extras = pack_extras(stats) if params.extras else hidden_NH.new_empty(0, dtype=torch.float32)
+        ctx.mark_non_differentiable(extras)
+        return stats.logp, extras
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_extras):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        dh, dW, db = _torch_backward(grad_logp, hidden, weight, bias, targets, lse, ctx.params, ctx.needs_input_grad)
+        cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
+        return cast(dh, hidden), cast(dW, weight), cast(db, bias), None, None
+
+
+# ----------------------------------------------------------------------------------------------------
+# public op
+# ----------------------------------------------------------------------------------------------------
+
+
+def _validate(hidden, weight, targets, bias, ignore_index, temperature, impl):
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+        raise TypeError(f"hidden must be a floating-point tensor [N, H] or [B, T, H], got {_describe(hidden)}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D tensor [V, H], got {_describe(weight)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden's last dim ({tuple(hidden.shape)}) must equal weight's H ({tuple(weight.shape)})")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.is_complex():
+        raise TypeError(f"targets must be an integer tensor, got {_describe(targets)}")
+    if targets.dtype == torch.bool:
+        raise TypeError("targets must be an integer tensor, got torch.bool")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden's leading dims {tuple(hidden.shape[:-1])}")
+    tensors = {"weight": weight, "targets": targets} | ({} if bias is None else {"bias": bias})
+    for name, t in tensors.items():
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != hidden.dtype):
+        raise ValueError(f"bias must be [V]={weight.shape[0]} of dtype {hidden.dtype}, got {_describe(bias)}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    _check_target_range(targets, weight.shape[0], ignore_index)
+
+
+def _check_target_range(targets, vocab_size, ignore_index):
+    """Targets in [0, V) or == ignore_index. CPU data is checked here; CUDA data by a device-side
+    assert, so the hot path never waits on the GPU."""
+    bad = ((targets < 0) | (targets >= vocab_size)) & (targets != ignore_index)
+    if targets.is_cuda:
+        torch._assert_async(~bad.any(), f"targets out of range [0, {vocab_size}) (ignore_index={ignore_index})")
+    elif bad.any():
+        i = int(bad.flatten().nonzero()[0])
+        raise ValueError(
+            f"targets must lie in [0, V={vocab_size}) or equal ignore_index={ignore_index}; "
+            f"targets.flatten()[{i}] = {int(targets.flatten()[i])}"
+        )
+
+
+def _describe(x):
+    if isinstance(x, torch.Tensor):
+        return f"Tensor(shape={tuple(x.shape)}, dtype={x.dtype}, device={x.device})"
+    return type(x).__name__
+
+
+def _resolve_impl(impl, device):
+    if impl == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return impl
+
+
+def token_stats(
+    hidden,
+    weight,
+    targets,
+    *,
+    bias=None,
+    ignore_index=-100,
+    temperature=1.0,
+    extras=False,
+    impl="auto",
+    chunk_tokens=1024,
+    chunk_vocab=8192,
+) -> TokenStats:
+    """`token_logprobs` plus, with `extras=True`, entropy, log sum p^2, mean logit and is-top-1 from
+    the same pass over the vocabulary. Extras carry no gradient.
+
+    With no gradient needed (inference mode, or no input requiring grad) nothing is saved for backward:
+    this is the reference-model path.
+    """
+    _validate(hidden, weight, targets, bias, ignore_index, temperature, impl)
+    hidden_NH = hidden.reshape(-1, hidden.shape[-1])
+    targets_N = targets.reshape(-1)
+    params = HeadParams(ignore_index, 1.0 / temperature, bool(extras), chunk_tokens, chunk_vocab)
+    impl = _resolve_impl(impl, hidden.device)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    if impl == "triton":
+        from fastpo.kernels import logprobs as triton_logprobs
+
+        return triton_logprobs.token_stats_triton(hidden_NH, weight, bias, targets_N, params, needs_grad)
+    if not needs_grad:
+        with torch.no_grad():
+            return _torch_forward(hidden_NH, weight, bias, targets_N, params)[0]
+    logp, extras_4N = TorchLogprobsFunction.apply(hidden_NH, weight, bias, targets_N, params)
+    return unpack_extras(logp, extras_4N)
+
+
+def token_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, temperature=1.0, impl="auto", **kwargs):
+    """fp32 `[N]` log-probs `log softmax((hidden @ weight.T + bias) / temperature)[t, targets[t]]`.
+
+    hidden `[N, H]` or `[B, T, H]` (flattened); weight `[V, H]`; targets int `[N]` (or `[B, T]`);
+    exactly 0 where `targets == ignore_index`. Differentiable in hidden, weight and bias for any
+    upstream gradient; the `[N, V]` logits are never materialized. `impl`: "triton" (CUDA, or CPU
+    under TRITON_INTERPRET=1), "torch" (chunked PyTorch, the CPU path) or "auto" (Triton on CUDA).
+    """
+    return token_stats(
+        hidden, weight, targets, bias=bias, ignore_index=ignore_index, temperature=temperature, impl=impl, **kwargs
+    ).logp
