@@ -1,0 +1,38 @@
+"""One tolerance table for every parity test (STYLE G5).
+
+    err(x) = max |x - truth| / max(max |truth|, 1)      error relative to the reference's scale
+
+- fp32 (and float64) results: err(fastpo) <= RTOL[dtype] against a float64 ground truth.
+- bf16 / fp16 results: err(fastpo) <= 2 * err(PyTorch computing in the same dtype) + ATOL[dtype],
+  i.e. no worse than the ordinary PyTorch program in that dtype, with a small floor for cases where
+  PyTorch happens to be almost exact.
+NaN or inf anywhere fails.
+"""
+
+import torch
+
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+ATOL = {torch.bfloat16: 2e-3, torch.float16: 5e-4}
+
+
+def relative_error(x: torch.Tensor, truth: torch.Tensor) -> float:
+    x, truth = x.double(), truth.double()
+    return ((x - truth).abs().max() / truth.abs().max().clamp_min(1.0)).item() if truth.numel() else 0.0
+
+
+def _where(x, truth):
+    i = int((x.double() - truth.double()).abs().flatten().argmax())
+    return f"worst flat index {i}: got {x.flatten()[i].item():.6g}, want {truth.flatten()[i].item():.6g}"
+
+
+def assert_parity(name: str, x: torch.Tensor, truth: torch.Tensor, same_dtype: torch.Tensor | None = None):
+    """`x` against the ground truth `truth`; `same_dtype` is PyTorch's result in x's dtype (half only)."""
+    assert x.shape == truth.shape, f"{name}: shape {tuple(x.shape)} != {tuple(truth.shape)}"
+    assert torch.isfinite(x).all(), f"{name}: non-finite values"
+    err = relative_error(x, truth)
+    if x.dtype in RTOL:
+        assert err <= RTOL[x.dtype], f"{name}: rel. error {err:.3g} > {RTOL[x.dtype]:.1g}; {_where(x, truth)}"
+        return
+    assert same_dtype is not None, f"{name}: a {x.dtype} result needs PyTorch's same-dtype result"
+    bound = 2 * relative_error(same_dtype, truth) + ATOL[x.dtype]
+    assert err <= bound, f"{name}: rel. error {err:.3g} > bound {bound:.3g} (2x PyTorch {x.dtype}); {_where(x, truth)}"
