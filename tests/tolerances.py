@@ -25,14 +25,15 @@ def _where(x, truth):
     return f"worst flat index {i}: got {x.flatten()[i].item():.6g}, want {truth.flatten()[i].item():.6g}"
 
 
-def assert_parity(name: str, x: torch.Tensor, truth: torch.Tensor, same_dtype: torch.Tensor | None = None):
-    """`x` against the ground truth `truth`; `same_dtype` is PyTorch's result in x's dtype (half only)."""
+def assert_parity(name, x, truth, *, dtype, same_dtype=None):
+    """`x`, computed from inputs of `dtype`, against the ground truth `truth`. For half `dtype`,
+    `same_dtype` is the ordinary PyTorch result computed from the same inputs in that dtype."""
     assert x.shape == truth.shape, f"{name}: shape {tuple(x.shape)} != {tuple(truth.shape)}"
     assert torch.isfinite(x).all(), f"{name}: non-finite values"
     err = relative_error(x, truth)
-    if x.dtype in RTOL:
-        assert err <= RTOL[x.dtype], f"{name}: rel. error {err:.3g} > {RTOL[x.dtype]:.1g}; {_where(x, truth)}"
+    if dtype in RTOL:
+        assert err <= RTOL[dtype], f"{name}: rel. error {err:.3g} > {RTOL[dtype]:.1g}; {_where(x, truth)}"
         return
-    assert same_dtype is not None, f"{name}: a {x.dtype} result needs PyTorch's same-dtype result"
-    bound = 2 * relative_error(same_dtype, truth) + ATOL[x.dtype]
-    assert err <= bound, f"{name}: rel. error {err:.3g} > bound {bound:.3g} (2x PyTorch {x.dtype}); {_where(x, truth)}"
+    assert same_dtype is not None, f"{name}: {dtype} inputs need PyTorch's same-dtype result"
+    bound = 2 * relative_error(same_dtype, truth) + ATOL[dtype]
+    assert err <= bound, f"{name}: rel. error {err:.3g} > bound {bound:.3g} (2x PyTorch {dtype}); {_where(x, truth)}"
