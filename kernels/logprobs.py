@@ -435,6 +435,41 @@ def logprobs_bwd(grad_N, hidden_NH, weight_VH, bias_V, targets_N, lse_N, order, 
     return dh, dW, db
 
 
+_TORCH_TO_TRITON = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def aot_specs(configs=CUDA_CONFIGS):
+    """Every compiled variant of the two kernels as (name, kernel, signature, constexprs, options), for
+    ahead-of-time compilation (`triton.compile(ASTSource(kernel, signature, constexprs), target=...)`)."""
+    for dtype, ty in _TORCH_TO_TRITON.items():
+        for has_bias in (False, True):
+            common = dict(HAS_BIAS=has_bias, DOT_PRECISION=_dot_precision(dtype), UPCAST_DOT=False)
+            for extras in (False, True):
+                cfg = configs["fwd"]
+                sig = {"hidden_ptr": f"*{ty}", "weight_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "targets_ptr": "*i32",
+                       "order_ptr": "*i64", "count_ptr": "*i32"}
+                sig |= {f"{name}_ptr": "*fp32" for name in Partials._fields}
+                sig |= dict.fromkeys(["N", "V", "H", "cols_per_split"], "i32")
+                sig |= dict.fromkeys(["stride_hn", "stride_hh", "stride_wv", "stride_wh"], "i32") | {"scale": "fp32"}
+                const = common | dict(EXTRAS=extras, BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H)
+                yield (f"fwd-{ty}-bias{int(has_bias)}-extras{int(extras)}", _logprobs_fwd_kernel,
+                       sig | dict.fromkeys(const, "constexpr"), const, _options(cfg))
+            cfg = configs["bwd"]
+            sig = {"hidden_ptr": f"*{ty}", "weight_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "targets_ptr": "*i32",
+                   "order_ptr": "*i64", "count_ptr": "*i32", "lse_ptr": "*fp32", "grad_ptr": "*fp32",
+                   "dz_ptr": f"*{ty}"}
+            sig |= dict.fromkeys(["V", "H", "chunk_start", "chunk_rows"], "i32")
+            sig |= dict.fromkeys(["stride_hn", "stride_hh", "stride_wv", "stride_wh", "stride_dzn"], "i32")
+            sig |= {"scale": "fp32"}
+            const = common | dict(BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H)
+            yield (f"bwd-{ty}-bias{int(has_bias)}", _logprobs_bwd_kernel,
+                   sig | dict.fromkeys(const, "constexpr"), const, _options(cfg))
+
+
+def _options(cfg: KernelConfig) -> dict:
+    return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
 # ----------------------------------------------------------------------------------------------------
 # autograd binding and entry point
 # ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,229 @@
+"""Parity of `fastpo.token_logprobs` / `token_stats` (both impls) against the materialized reference.
+
+Ground truth: `fastpo.reference` in float64 on the same (already rounded) inputs. fp32 inputs must match
+it to ~1e-5; bf16 inputs must be no worse than PyTorch's own bf16 program (tests/tolerances.py).
+Backward always uses a random upstream gradient. The Triton impl runs compiled on CUDA, or on CPU
+under TRITON_INTERPRET=1 (set by conftest), so shapes stay small.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import fastpo
+from fastpo.reference import token_logprobs_ref, token_stats_ref
+from tests.tolerances import assert_parity
+
+
+@dataclass(frozen=True)
+class Case:
+    N: int
+    H: int
+    V: int
+    ignore_frac: float = 0.0
+    temperature: float = 1.0
+    bias: bool = False
+    confident: bool = False
+    batch_dims: tuple = ()
+
+
+# Why each case is here:
+CASES = {
+    # prime V: no block or split size divides it; 30% ignored rows are sorted away by the kernels
+    "prime_V": Case(N=45, H=24, V=251, ignore_frac=0.3),
+    # V = 1000 leaves a 40-column tail tile; H = 40 a partial K step; bias and temperature together
+    "tail_bias_temperature": Case(N=70, H=40, V=1000, temperature=0.7, bias=True),
+    # every row ignored: zeros out, zero gradients, no NaN (Liger #177)
+    "all_ignored": Case(N=20, H=16, V=123, ignore_frac=1.0),
+    # near-one-hot softmax: 1 - p_y must be formed in fp32 (Liger #1329)
+    "confident": Case(N=33, H=32, V=507, ignore_frac=0.3, confident=True),
+    # [B, T, H] input is flattened
+    "batched_3d": Case(N=36, H=16, V=97, ignore_frac=0.3, batch_dims=(4, 9)),
+}
+IMPLS = ["torch", "triton"]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def make_inputs(case: Case, dtype, device="cpu"):
+    hidden = torch.randn(case.N, case.H)
+    weight = torch.randn(case.V, case.H) / case.H**0.5
+    targets = torch.randint(0, case.V, (case.N,))
+    if case.confident:
+        # logit of the target ~ 30 above the rest
+        weight[targets] = hidden * (30 / case.H)
+    ignored = torch.rand(case.N) < case.ignore_frac if case.ignore_frac < 1 else torch.ones(case.N, dtype=torch.bool)
+    targets[ignored] = -100
+    bias = torch.randn(case.V) if case.bias else None
+    shape = case.batch_dims or (case.N,)
+    leaves = [hidden.reshape(*shape, case.H), weight] + ([bias] if case.bias else [])
+    leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in leaves]
+    return leaves, targets.reshape(shape).to(device)
+
+
+def run(fn, leaves, targets, case, grad_out, **kw):
+    hidden, weight, *bias = leaves
+    out = fn(hidden, weight, targets, bias=bias[0] if bias else None, temperature=case.temperature, **kw)
+    logp = out.logp if isinstance(out, fastpo.TokenStats) else out
+    grads = torch.autograd.grad((logp.reshape(-1).double() * grad_out).sum(), leaves, allow_unused=True)
+    return out, [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", CASES)
+def test_parity(name, impl, dtype, triton_device):
+    case = CASES[name]
+    device = triton_device if impl == "triton" else "cpu"
+    leaves, targets = make_inputs(case, dtype, device)
+    grad_out = torch.randn(case.N, dtype=torch.float64, device=device)
+    stats, grads = run(fastpo.token_stats, leaves, targets, case, grad_out, impl=impl, extras=True, chunk_tokens=16)
+
+    truth_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    truth, truth_grads = run(token_stats_ref, truth_leaves, targets, case, grad_out)
+    same, same_grads = run(token_logprobs_ref, leaves, targets, case, grad_out, upcast=False)
+
+    assert stats.logp.dtype == torch.float32 and stats.logp.shape == (case.N,)
+    valid = targets.reshape(-1) != -100
+    assert (stats.logp[~valid] == 0).all(), "ignored rows must give exactly 0"
+    assert_parity("logp", stats.logp, truth.logp, dtype=dtype, same_dtype=same)
+    for g, tg, sg, leaf in zip(grads, truth_grads, same_grads, ["d_hidden", "d_weight", "d_bias"]):
+        assert g.dtype == dtype
+        assert_parity(leaf, g, tg, dtype=dtype, same_dtype=sg)
+    if not case.confident:  # at near-ties bf16 rounding may move the argmax; the extras are fp32 metrics
+        assert torch.equal(stats.is_top1, truth.is_top1)
+    for field in ("entropy", "log_sum_sq_probs", "mean_logits"):
+        # PyTorch's same-dtype extras: from the bf16 logits, upcast (what training code computes)
+        same_extra = getattr(token_stats_ref(*[t.detach() for t in leaves[:2]], targets, upcast=False,
+                                             bias=leaves[2].detach() if case.bias else None,
+                                             temperature=case.temperature), field)
+        assert_parity(field, getattr(stats, field), getattr(truth, field), dtype=dtype, same_dtype=same_extra)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_ignored_gives_zero_gradients(impl, triton_device):
+    case = CASES["all_ignored"]
+    leaves, targets = make_inputs(case, torch.float32, triton_device if impl == "triton" else "cpu")
+    stats, grads = run(fastpo.token_stats, leaves, targets, case, torch.ones(case.N, dtype=torch.float64,
+                       device=targets.device), impl=impl)
+    assert (stats.logp == 0).all()
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_forward_only_saves_nothing(impl, triton_device):
+    """Reference-model path: with no gradient needed the output has no graph and equals the grad path."""
+    case = CASES["prime_V"]
+    (hidden, weight), targets = make_inputs(case, torch.float32, triton_device if impl == "triton" else "cpu")
+    with_grad = fastpo.token_logprobs(hidden, weight, targets, impl=impl)
+    with torch.no_grad():
+        no_grad = fastpo.token_logprobs(hidden, weight, targets, impl=impl)
+    frozen = fastpo.token_logprobs(hidden.detach(), weight.detach(), targets, impl=impl)
+    assert with_grad.grad_fn is not None
+    assert no_grad.grad_fn is None and frozen.grad_fn is None
+    assert torch.equal(no_grad, with_grad.detach()) and torch.equal(frozen, no_grad)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_frozen_head_gets_no_weight_gradient(impl, triton_device):
+    case = CASES["prime_V"]
+    (hidden, weight), targets = make_inputs(case, torch.float32, triton_device if impl == "triton" else "cpu")
+    weight.requires_grad_(False)
+    fastpo.token_logprobs(hidden, weight, targets, impl=impl).sum().backward()
+    assert weight.grad is None and hidden.grad is not None and torch.isfinite(hidden.grad).all()
+
+
+def test_triton_is_deterministic(triton_device):
+    """No atomics: repeated runs are bitwise identical, forward and backward."""
+    case = CASES["tail_bias_temperature"]
+    leaves, targets = make_inputs(case, torch.bfloat16, triton_device)
+    grad_out = torch.randn(case.N, dtype=torch.float64, device=triton_device)
+    first = run(fastpo.token_stats, leaves, targets, case, grad_out, impl="triton", chunk_tokens=16)
+    second = run(fastpo.token_stats, leaves, targets, case, grad_out, impl="triton", chunk_tokens=16)
+    assert torch.equal(first[0].logp, second[0].logp)
+    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_triton_vocab_splits_merge_exactly(num_splits, triton_device):
+    """The split merge is exact whatever the number of vocabulary splits (8 > tiles: clamped)."""
+    from fastpo.kernels.logprobs import logprobs_fwd
+    from fastpo.ops import HeadParams
+
+    case = CASES["prime_V"]
+    (hidden, weight), targets = make_inputs(case, torch.float32, triton_device)
+    stats, *_ = logprobs_fwd(hidden.detach(), weight.detach(), None, targets, HeadParams(extras=True),
+                             num_splits=num_splits)
+    truth = token_stats_ref(hidden.detach().double(), weight.detach().double(), targets)
+    for field in ("logp", "entropy", "log_sum_sq_probs", "mean_logits"):
+        assert_parity(field, getattr(stats, field), getattr(truth, field), dtype=torch.float32)
+    assert torch.equal(stats.is_top1, truth.is_top1)
+
+
+def test_auto_impl_uses_torch_on_cpu():
+    from fastpo.ops import _resolve_impl
+
+    assert _resolve_impl("auto", torch.device("cpu")) == "torch"
+    assert _resolve_impl("auto", torch.device("cuda", 0)) == "triton"
+
+
+def _bad_inputs():
+    h, w, y = torch.randn(6, 8), torch.randn(11, 8), torch.randint(0, 11, (6,))
+    return [
+        ("hidden", dict(hidden=h.long()), TypeError, "hidden must be a floating-point"),
+        ("weight_dim", dict(weight=w[0]), ValueError, "weight must be a 2-D tensor"),
+        ("H_mismatch", dict(weight=torch.randn(11, 7)), ValueError, "must equal weight's H"),
+        ("weight_dtype", dict(weight=w.double()), TypeError, "weight dtype"),
+        ("targets_float", dict(targets=y.float()), TypeError, "targets must be an integer tensor"),
+        ("targets_shape", dict(targets=y[:5]), ValueError, "targets shape"),
+        ("target_high", dict(targets=torch.tensor([0, 1, 11, 2, 3, 4])), ValueError, "targets.flatten()[2] = 11"),
+        ("target_negative", dict(targets=torch.tensor([0, -1, 1, 2, 3, 4])), ValueError, "[0, V=11)"),
+        ("bias_shape", dict(bias=torch.randn(10)), ValueError, "bias must be [V]=11"),
+        ("temperature", dict(temperature=0.0), ValueError, "temperature must be a finite number > 0"),
+        ("impl", dict(impl="cuda"), ValueError, "impl must be one of"),
+    ], (h, w, y)
+
+
+@pytest.mark.parametrize("idx", range(len(_bad_inputs()[0])), ids=[c[0] for c in _bad_inputs()[0]])
+def test_bad_input_raises_clear_error(idx):
+    cases, (h, w, y) = _bad_inputs()
+    _, change, exc, message = cases[idx]
+    args = dict(hidden=h, weight=w, targets=y) | {k: v for k, v in change.items() if k in ("hidden", "weight", "targets")}
+    kwargs = {k: v for k, v in change.items() if k not in ("hidden", "weight", "targets")}
+    with pytest.raises(exc, match=None) as info:
+        fastpo.token_logprobs(args["hidden"], args["weight"], args["targets"], **kwargs)
+    assert message in str(info.value)
+
+
+def test_ignore_index_is_accepted_in_range_check():
+    h, w = torch.randn(3, 4), torch.randn(5, 4)
+    logp = fastpo.token_logprobs(h, w, torch.tensor([-7, 2, -7]), ignore_index=-7)
+    assert logp[0] == 0 and logp[2] == 0 and logp[1] < 0
+
+
+@pytest.mark.slow
+def test_every_kernel_config_compiles_for_hopper():
+    """Ahead-of-time compile of every kernel variant for sm_90 (no GPU needed): catches what the
+    interpreter lets through (types, shared memory, layouts). Runs in a fresh process because the
+    interpreter replaces @triton.jit functions in this one."""
+    script = textwrap.dedent(
+        """
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from fastpo.kernels.logprobs import aot_specs
+        for name, fn, sig, const, options in aot_specs():
+            k = triton.compile(triton.compiler.ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
+                               options=options)
+            assert ".target sm_90a" in k.asm["ptx"] and len(k.asm["cubin"]) > 0, name
+            assert k.metadata.shared <= 227 * 1024, (name, k.metadata.shared)
+            print(name, k.metadata.shared, flush=True)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert len(proc.stdout.splitlines()) == 18, proc.stdout
