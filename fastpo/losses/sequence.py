@@ -44,7 +44,7 @@ def _pair_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, r
     ref = _stack(ref_chosen_logps, ref_rejected_logps, "reference logps")
     if ref is not None and ref.shape[-2] != logps.shape[0]:
         raise ValueError(f"reference logps have {ref.shape[-2]} pairs, the policy has {logps.shape[0]}")
-    return PreferenceInputs(logps=logps, num_tokens=None if n is None else n.float(), ref_logps=ref, **extra)
+    return PreferenceInputs(logps=logps, num_tokens=None if n is None else n.to(torch.promote_types(n.dtype, torch.float32)), ref_logps=ref, **extra)
 
 
 def dpo_loss(
@@ -138,8 +138,9 @@ def plackett_luce_loss(policy_logps, ref_logps=None, *, beta=0.1) -> LossOutput:
 
 def sequence_logps(token_logps, mask, token_weights=None):
     """S^w = sum_t w_t m_t logp_t over [B, T] per-token log-probs (fp32); w = 1 when not given."""
-    w = mask.to(torch.float32) if token_weights is None else token_weights.float() * mask
-    return (token_logps.float() * w).sum(-1)
+    acc = torch.promote_types(token_logps.dtype, torch.float32)
+    w = mask.to(acc) if token_weights is None else token_weights.to(acc) * mask
+    return (token_logps.to(acc) * w).sum(-1)
 
 
 def ld_weights(chosen_mask, rejected_mask, ld_alpha):
