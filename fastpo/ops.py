@@ -125,8 +125,8 @@ def _logits_f32(hidden_nH, weight_vH, bias_v, scale):
         acc = _acc_dtype(hidden_nH)
         z = hidden_nH.to(acc) @ weight_vH.to(acc).T
     if bias_v is not None:
-        z = z + bias_v.to(z.dtype)
-    return z * scale
+        z.add_(bias_v.to(z.dtype))
+    return z.mul_(scale)
 
 
 def _acc_dtype(x):
@@ -134,18 +134,25 @@ def _acc_dtype(x):
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def _rowdot(a_nv, b_nv):
+    """sum_v a_nv b_nv without an [n, v] temporary (a batched GEMV)."""
+    return torch.einsum("nv,nv->n", a_nv, b_nv)
+
+
 def _tile_partials(z_nv, y_n, v0, extras):
-    """Partials of one tile `z_nv` whose first column is vocabulary index `v0`."""
+    """Partials of one tile `z_nv` whose first column is vocabulary index `v0`; consumes `z_nv`.
+
+    Memory: one extra [n, v] buffer (e), and only with extras; without extras z becomes e in place."""
     m = z_nv.amax(-1)
-    e = torch.exp(z_nv - m[:, None])
     local_y = y_n - v0
     hit = (local_y >= 0) & (local_y < z_nv.shape[1])
     zy = torch.where(hit, z_nv.gather(1, local_y.clamp(0, z_nv.shape[1] - 1)[:, None]).squeeze(1), 0.0)
     if not extras:
-        return m, e.sum(-1), zy, None, None, None, None
+        return m, z_nv.sub_(m[:, None]).exp_().sum(-1), zy, None, None, None, None
     cols = torch.arange(z_nv.shape[1], device=z_nv.device)
-    before = torch.where(cols[None, :] < local_y[:, None], z_nv, -math.inf).amax(-1)
-    return m, e.sum(-1), zy, (e * z_nv).sum(-1), (e * e).sum(-1), z_nv.sum(-1), before
+    before = z_nv.masked_fill(cols[None, :] >= local_y[:, None], -math.inf).amax(-1)
+    e = torch.exp(z_nv - m[:, None])
+    return m, e.sum(-1), zy, _rowdot(e, z_nv), _rowdot(e, e), z_nv.sum(-1), before
 
 
 def _torch_forward(hidden_NH, weight_VH, bias_V, targets_N, params: HeadParams):
@@ -169,7 +176,7 @@ def _torch_forward(hidden_NH, weight_VH, bias_V, targets_N, params: HeadParams):
 
 
 def _torch_backward(grad_N, hidden_NH, weight_VH, bias_V, targets_N, lse_N, params: HeadParams, needs):
-    """dz = g (onehot(y) - p) * scale, recomputed per tile; dh, dW and db accumulate in fp32."""
+    """dz = g (onehot(y) - p) * scale, recomputed per tile in place; dh, dW, db accumulate in fp32."""
     V = weight_VH.shape[0]
     acc = _acc_dtype(hidden_NH)
     g_N = torch.where(targets_N != params.ignore_index, grad_N.to(acc), 0.0)
@@ -182,13 +189,12 @@ def _torch_backward(grad_N, hidden_NH, weight_VH, bias_V, targets_N, lse_N, para
         for v0 in range(0, V, params.chunk_vocab):
             w = weight_VH[v0 : v0 + params.chunk_vocab]
             b = None if bias_V is None else bias_V[v0 : v0 + params.chunk_vocab]
-            z = _logits_f32(h, w, b, params.scale)
-            dz = -g[:, None] * torch.exp(z - lse[:, None])
+            dz = _logits_f32(h, w, b, params.scale).sub_(lse[:, None]).exp_().mul_(-g[:, None])
             local_y = y - v0
             hit = (local_y >= 0) & (local_y < w.shape[0])
             # + g at the target column, in fp32: (1 - p_y) never rounds before the subtraction
             dz.scatter_add_(1, local_y.clamp(0, w.shape[0] - 1)[:, None], torch.where(hit, g, 0.0)[:, None])
-            dz = dz * params.scale
+            dz.mul_(params.scale)
             if dh is not None:
                 dh[sl] += dz @ w.to(acc)
             if dW is not None:

@@ -372,7 +372,7 @@ def logprobs_fwd(hidden_NH, weight_VH, bias_V, targets_N, params: HeadParams, nu
 def _addmm_fp32_(acc_VH, a_VC, b_CH):
     """acc += a @ b with fp32 accumulation and no low-precision rounding of the product."""
     if a_VC.is_cuda and a_VC.dtype != torch.float32:
-        acc_VH.add_(torch.mm(a_VC, b_CH, out_dtype=torch.float32))
+        torch.addmm(acc_VH, a_VC, b_CH, out_dtype=torch.float32, out=acc_VH)
     else:
         acc_VH.addmm_(a_VC.float(), b_CH.float())
 

@@ -1,0 +1,153 @@
+"""The log-prob head, side by side: time (fwd, bwd, fwd+bwd) and peak memory, per provider.
+
+Providers compute the same per-token log-probs (or NLL, its negation) of the targets from hidden
+states and the LM-head weight; `gemm` is the bare LM-head GEMMs, the roofline (forward: z = h W^T;
+fwd+bwd: that plus dX = G W and dW = G^T h). Each provider is skipped, with the reason, where it does
+not install or run. Shapes come from `bench.harness.HEAD_SHAPES` for the current device.
+"""
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastpo
+from bench.harness import DEVICE, HEAD_SHAPES, head_inputs, peak_memory_bytes, run_pedantic, synchronize
+from fastpo.reference import token_logprobs_ref
+
+
+def _liger(hidden, weight, targets):
+    from liger_kernel.ops.fused_linear_scaled_cross_entropy import LigerFusedLinearScaledCrossEntropyFunction
+
+    return -LigerFusedLinearScaledCrossEntropyFunction.apply(hidden, weight, targets)
+
+
+def _trl(hidden, weight, targets):
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    return ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 32768, None, 1.0, ())[0]
+
+
+@functools.lru_cache
+def _compiled_ref():
+    return torch.compile(functools.partial(token_logprobs_ref, upcast=False))
+
+
+def _gemm(hidden, weight, targets):
+    """Roofline: the logits GEMM alone; its backward is the dX and dW GEMMs."""
+    return F.linear(hidden, weight)
+
+
+PROVIDERS = {
+    "fastpo-triton": lambda h, w, y: fastpo.token_logprobs(h, w, y, impl="triton"),
+    "fastpo-torch": lambda h, w, y: fastpo.token_logprobs(h, w, y, impl="torch"),
+    "naive": lambda h, w, y: token_logprobs_ref(h, w, y, upcast=False),
+    "torch-compile": lambda h, w, y: _compiled_ref()(h, w, y),
+    "linear-cross-entropy": lambda h, w, y: -F.linear_cross_entropy(h, w, y, reduction="none"),
+    "liger-scaled-ce": _liger,
+    "trl-chunked": _trl,
+    "gemm": _gemm,
+}
+# Where a provider cannot give a meaningful figure on this device, say why instead of timing it.
+SKIP_ON_CPU = {
+    "fastpo-triton": "Triton on CPU is the interpreter: a correctness tool, not a benchmark",
+    "torch-compile": "compiling on a 2-core CPU costs minutes; timed on GPU",
+}
+MODES = ["fwd", "bwd", "fwd_bwd"]
+SHAPES = HEAD_SHAPES[DEVICE]
+TIME_SHAPES = [s for s in SHAPES if s != "cpu-memory"]
+
+
+def _skip_reason(provider):
+    if DEVICE == "cpu" and provider in SKIP_ON_CPU:
+        return SKIP_ON_CPU[provider]
+    module = {"liger-scaled-ce": "liger_kernel", "trl-chunked": "trl"}.get(provider)
+    if module is not None:
+        try:
+            __import__(module)
+        except ImportError:
+            return f"{module} is not installed"
+    return None
+
+
+def _upstream(out):
+    return torch.randn_like(out, dtype=out.dtype)
+
+
+def _step(provider, mode):
+    fn = PROVIDERS[provider]
+
+    def forward(inputs):
+        hidden, weight, targets = inputs
+        if mode == "fwd":
+            with torch.no_grad():
+                return fn(hidden, weight, targets)
+        return fn(hidden, weight, targets)
+
+    def backward(state):
+        out, grad = state
+        out.backward(grad)
+
+    def fwd_bwd(inputs):
+        out = forward(inputs)
+        out.backward(_upstream(out))
+
+    return forward, backward, fwd_bwd
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+@pytest.mark.parametrize("shape_name", TIME_SHAPES)
+def bench_head_time(benchmark, record, shape_name, provider, mode):
+    reason = _skip_reason(provider)
+    if reason:
+        pytest.skip(reason)
+    shape = SHAPES[shape_name]
+    forward, backward, fwd_bwd = _step(provider, mode)
+    inputs = head_inputs(shape)
+
+    def fresh():
+        for t in inputs[:2]:
+            t.grad = None
+        return inputs
+
+    if mode == "bwd":
+
+        def setup():
+            out = forward(fresh())
+            synchronize()
+            return out, _upstream(out)
+
+        run_pedantic(benchmark, backward, setup=setup)
+    else:
+        run_pedantic(benchmark, forward if mode == "fwd" else fwd_bwd, setup=fresh)
+    median = benchmark.stats.stats.median
+    record(benchmark, shape=shape_name, provider=provider, mode=mode, N=shape.N, H=shape.H, V=shape.V,
+           dtype=shape.dtype, tokens_per_s=shape.N / median, tflops=shape.flops(mode) / median / 1e12)
+
+
+def head_case(provider, N, H, V, dtype):
+    """Inputs built, nothing run: returns the measured region (fwd + bwd with a random upstream)."""
+    from bench.harness import HeadShape
+
+    inputs = head_inputs(HeadShape(N, H, V, dtype))
+    _, _, fwd_bwd = _step(provider, "fwd_bwd")
+    return lambda: fwd_bwd(inputs)
+
+
+MEMORY_SHAPE = "cpu-memory" if DEVICE == "cpu" else "sm90-8k"
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def bench_head_peak_memory(record, provider):
+    """Peak memory of one fwd+bwd above the inputs; on CPU at N=4096, H=256, V=32000 (fp32), where the
+    naive program's [N, V] logits alone take 524 MB."""
+    reason = _skip_reason(provider)
+    if reason:
+        pytest.skip(reason)
+    shape = SHAPES[MEMORY_SHAPE]
+    peak = peak_memory_bytes("bench.bench_logprobs", "head_case", dict(provider=provider, N=shape.N, H=shape.H,
+                                                                        V=shape.V, dtype=shape.dtype))
+    record(shape=MEMORY_SHAPE, provider=provider, mode="fwd_bwd", N=shape.N, H=shape.H, V=shape.V,
+           dtype=shape.dtype, peak_mb=peak / 2**20, logits_fp32_mb=4 * shape.N * shape.V / 2**20)

@@ -1,0 +1,138 @@
+"""Shared benchmark machinery: device, shape registry, timing, peak memory, result files.
+
+Timing: pytest-benchmark's `pedantic` with a CUDA synchronize at the end of every call on GPU.
+Peak memory: on CUDA `max_memory_allocated` above the live memory before the call; on CPU the
+case runs in a fresh subprocess and reports its peak RSS (ru_maxrss) above its RSS just before the
+call, so one case's allocations never hide another's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    N: int
+    H: int
+    V: int
+    dtype: str = "bfloat16"
+
+    @property
+    def torch_dtype(self):
+        return getattr(torch, self.dtype)
+
+    def flops(self, mode: str) -> float:
+        """Counted FLOPs: forward 2NHV; backward recompute + dH + dW = 6NHV."""
+        per_gemm = 2.0 * self.N * self.H * self.V
+        return {"fwd": 1, "bwd": 3, "fwd_bwd": 4}[mode] * per_gemm
+
+
+# One registry for every head benchmark. CPU shapes run in CI in seconds; GPU shapes are the model
+# shapes of the targets (H=4096 with the Llama-3 / Liger SM90 / Qwen2.5 vocabularies).
+HEAD_SHAPES = {
+    "cpu": {
+        "cpu-small": HeadShape(N=512, H=128, V=4096, dtype="float32"),
+        "cpu-memory": HeadShape(N=4096, H=256, V=32000, dtype="float32"),
+    },
+    "cuda": {
+        "llama3-8k": HeadShape(N=8192, H=4096, V=128256),
+        "sm90-8k": HeadShape(N=8192, H=4096, V=131072),
+        "qwen-8k": HeadShape(N=8192, H=4096, V=151936),
+        "sm90-16k": HeadShape(N=16384, H=4096, V=131072),
+        "sm90-32k": HeadShape(N=32768, H=4096, V=131072),
+    },
+}
+
+
+def head_inputs(shape: HeadShape, device=DEVICE, requires_grad=True, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = torch.randn(shape.N, shape.H, generator=g).to(device, shape.torch_dtype)
+    weight = (torch.randn(shape.V, shape.H, generator=g) / shape.H**0.5).to(device, shape.torch_dtype)
+    targets = torch.randint(0, shape.V, (shape.N,), generator=g).to(device)
+    return hidden.requires_grad_(requires_grad), weight.requires_grad_(requires_grad), targets
+
+
+def synchronize():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_pedantic(benchmark, fn, setup=None, rounds=None):
+    """Time `fn` (synchronized) with a fixed warmup; returns fn's last result."""
+    rounds = rounds or (20 if DEVICE == "cuda" else 3)
+
+    def timed(*args):
+        out = fn(*args)
+        synchronize()
+        return out
+
+    def make_args():
+        return (setup(),), {}
+
+    if setup is None:
+        return benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
+    return benchmark.pedantic(timed, setup=make_args, rounds=rounds, warmup_rounds=1)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory_bytes(module: str, func: str, kwargs: dict) -> int:
+    """Peak memory of `module.func(**kwargs)` above what was live before it.
+
+    `func(**kwargs)` must return a zero-argument callable (inputs built, nothing run): the callable is
+    the measured region. CUDA: measured in this process. CPU: in a fresh subprocess (peak RSS)."""
+    if DEVICE == "cuda":
+        fn = getattr(__import__(module, fromlist=[func]), func)(**kwargs)
+        synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    code = (
+        "import json, sys; from bench.harness import _child_peak; "
+        f"print(json.dumps(_child_peak({module!r}, {func!r}, json.loads(sys.argv[1]))))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([_repo_root(), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True,
+                          env=env, check=False, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe {module}.{func} failed:\n{proc.stderr[-3000:]}")
+    return int(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def _child_peak(module: str, func: str, kwargs: dict) -> int:
+    fn = getattr(__import__(module, fromlist=[func]), func)(**kwargs)
+    base = _rss_bytes()
+    fn()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return max(0, peak - base)
+
+
+def _repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def device_name() -> str:
+    if DEVICE == "cuda":
+        return torch.cuda.get_device_name()
+    import platform
+
+    return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+
+
+def shape_dict(shape) -> dict:
+    return asdict(shape)
