@@ -9,7 +9,9 @@ already shifted) and the same return structure; the modules only store hyperpara
 - an option that has no effect raises instead of being ignored (e.g. `label_smoothing` with
   `loss_type="sigmoid"`; use "robust" or "cdpo"); `use_ref_model=True` without `ref_input` raises.
 - the DPO module accepts every pairwise `loss_type` of the registry (including "ipo" and "sigmoid_norm").
-- ORPO's log-odds use a stable log1mexp (Liger's `log1p(-exp(x))` loses precision near 0).
+- ORPO's log-odds use a stable log1mexp (Liger's `log1p(-exp(x))` loses precision near 0). With
+  `nll_target`, the NLL is the token mean over all chosen rows; Liger divides by the token count of the first
+  B // 2 rows of `nll_target` only.
 - `compiled` is accepted for compatibility; the chunks are not `torch.compile`d. `chunk_size` is the number
   of pairs (examples) per chunk, as in Liger.
 """
