@@ -1,0 +1,180 @@
+"""The fused DPO loss, side by side: time (fwd, fwd+bwd) and peak memory, per provider.
+
+Every provider computes the same sigmoid DPO loss of a `[2B, T]` chosen-then-rejected batch (prompt
+positions ignored) with a reference model given by its hidden states and LM-head weight:
+
+    fastpo-generic     fused_linear_preference_loss(path="generic", impl="torch"): token_stats + autograd, 8NHV
+    fastpo-pair-fused  fused_linear_preference_loss(path="pair_fused"): gradients formed in forward, 6NHV
+    naive              fused_linear_preference_loss_ref(upcast=False): materialized [N, V] logits
+    torch-compile      the naive program under torch.compile
+    liger-dpo          liger_kernel LigerFusedLinearDPOLoss (compiled=False on CPU)
+    trl-chunked        trl.kernels.chunked_logprob head + the DPO loss in PyTorch
+
+A provider that does not install or cannot give a meaningful figure on this device is skipped with the
+reason. Peak memory on CPU is the peak RSS of a fresh subprocess above its RSS before the call.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.harness import DEVICE, peak_memory_bytes, run_pedantic, synchronize
+from fastpo.losses import fused_linear_preference_loss, fused_linear_preference_loss_ref
+
+
+@dataclass(frozen=True)
+class DPOShape:
+    B: int  # pairs
+    T: int  # positions per row (the first T // 4 are prompt, ignored)
+    H: int
+    V: int
+    dtype: str = "float32"
+
+    @property
+    def N(self):
+        return 2 * self.B * self.T
+
+
+SHAPES = {
+    "cpu": {"cpu-small": DPOShape(B=4, T=128, H=128, V=4096), "cpu-memory": DPOShape(B=4, T=256, H=128, V=32000)},
+    "cuda": {"llama3-8k": DPOShape(B=4, T=1024, H=4096, V=128256, dtype="bfloat16")},
+}[DEVICE]
+TIME_SHAPE = "cpu-small" if DEVICE == "cpu" else "llama3-8k"
+MEMORY_SHAPE = "cpu-memory" if DEVICE == "cpu" else "llama3-8k"
+
+
+def dpo_inputs(shape: DPOShape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, shape.dtype)
+    make = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(DEVICE, dtype)  # noqa: E731
+    hidden = make(2 * shape.B, shape.T, shape.H).requires_grad_()
+    weight = make(shape.V, shape.H, scale=shape.H**-0.5).requires_grad_()
+    targets = torch.randint(0, shape.V, (2 * shape.B, shape.T), generator=g).to(DEVICE)
+    targets[:, : shape.T // 4] = -100
+    ref_hidden = make(2 * shape.B, shape.T, shape.H)
+    ref_weight = make(shape.V, shape.H, scale=shape.H**-0.5)
+    return hidden, weight, targets, ref_hidden, ref_weight
+
+
+def _fastpo(path):
+    def loss(h, w, y, rh, rw):
+        return fused_linear_preference_loss(h, w, y, ref_hidden=rh, ref_weight=rw, path=path, impl="torch",
+                                            chunk_tokens=256).loss
+
+    return loss
+
+
+def _naive(h, w, y, rh, rw):
+    return fused_linear_preference_loss_ref(h, w, y, ref_hidden=rh, ref_weight=rw, upcast=False).loss
+
+
+@functools.lru_cache
+def _compiled_naive():
+    return torch.compile(_naive)
+
+
+def _liger(h, w, y, rh, rw):
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    return LigerFusedLinearDPOLoss(compiled=DEVICE == "cuda")(w, h, y, ref_input=rh, ref_weight=rw)[0]
+
+
+def _trl_sums(h, w, y):
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    valid = y != -100
+    logp = ChunkedLogProbFunction.apply(h.reshape(-1, h.shape[-1]), w, None, torch.where(valid, y, 0).reshape(-1),
+                                        1.0, 4096, None, 1.0, ())[0]
+    return (logp.view(y.shape) * valid).sum(-1)
+
+
+def _trl(h, w, y, rh, rw, beta=0.1):
+    s = _trl_sums(h, w, y)
+    with torch.no_grad():
+        s_ref = _trl_sums(rh, rw, y)
+    c, r = (s - s_ref).chunk(2)
+    return -F.logsigmoid(beta * (c - r)).mean()
+
+
+PROVIDERS = {
+    "fastpo-generic": _fastpo("generic"),
+    "fastpo-pair-fused": _fastpo("pair_fused"),
+    "naive": _naive,
+    "torch-compile": lambda *a: _compiled_naive()(*a),
+    "liger-dpo": _liger,
+    "trl-chunked": _trl,
+}
+SKIP_ON_CPU = {"torch-compile": "compiling on a 2-core CPU costs minutes; timed on GPU"}
+MODES = ["fwd", "fwd_bwd"]
+
+
+def _skip_reason(provider):
+    if DEVICE == "cpu" and provider in SKIP_ON_CPU:
+        return SKIP_ON_CPU[provider]
+    module = {"liger-dpo": "liger_kernel.chunked_loss", "trl-chunked": "trl.kernels.chunked_logprob"}.get(provider)
+    if module is not None:
+        try:
+            __import__(module)
+        except ImportError:
+            return f"{module} is not importable"
+    return None
+
+
+def _step(provider, mode):
+    fn = PROVIDERS[provider]
+
+    def run(inputs):
+        if mode == "fwd":
+            with torch.no_grad():
+                return fn(*inputs)
+        loss = fn(*inputs)
+        loss.backward(torch.tensor(1.3, device=loss.device))
+        return loss
+
+    return run
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def bench_dpo_loss_time(benchmark, record, provider, mode):
+    reason = _skip_reason(provider)
+    if reason:
+        pytest.skip(reason)
+    shape = SHAPES[TIME_SHAPE]
+    inputs = dpo_inputs(shape)
+
+    def fresh():
+        for t in inputs[:2]:
+            t.grad = None
+        return inputs
+
+    run_pedantic(benchmark, _step(provider, mode), setup=fresh)
+    median = benchmark.stats.stats.median
+    record(benchmark, shape=TIME_SHAPE, provider=provider, mode=mode, B=shape.B, T=shape.T, H=shape.H, V=shape.V,
+           dtype=shape.dtype, tokens_per_s=shape.N / median)
+
+
+def dpo_case(provider, B, T, H, V, dtype):
+    """Inputs built, nothing run: returns the measured region (one fwd + bwd)."""
+    inputs = dpo_inputs(DPOShape(B, T, H, V, dtype))
+    step = _step(provider, "fwd_bwd")
+    return lambda: (step(inputs), synchronize())
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def bench_dpo_loss_peak_memory(record, provider):
+    """Peak memory of one fwd+bwd above the inputs; on CPU at 2B*T = 2048 rows and V = 32000 (fp32), where
+    the naive program's [N, V] logits alone take 250 MiB."""
+    reason = _skip_reason(provider)
+    if reason:
+        pytest.skip(reason)
+    shape = SHAPES[MEMORY_SHAPE]
+    peak = peak_memory_bytes("bench.bench_losses", "dpo_case",
+                             dict(provider=provider, B=shape.B, T=shape.T, H=shape.H, V=shape.V, dtype=shape.dtype))
+    record(shape=MEMORY_SHAPE, provider=provider, mode="fwd_bwd", B=shape.B, T=shape.T, H=shape.H, V=shape.V,
+           dtype=shape.dtype, peak_mb=peak / 2**20, logits_fp32_mb=4 * shape.N * shape.V / 2**20)
