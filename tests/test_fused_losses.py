@@ -83,7 +83,8 @@ def make_inputs(case: Case, dtype):
     common = {"targets": targets, "loss_type": case.loss_type, "temperature": case.temperature}
     common |= {k: v for k, v in case.hparams.items()}
     if case.ref == "hidden":
-        tensors |= {"ref_hidden": hidden + 0.3 * torch.randn_like(hidden), "ref_weight": weight + 0.05 * torch.randn_like(weight)}
+        tensors |= {"ref_hidden": hidden + 0.3 * torch.randn_like(hidden),
+                    "ref_weight": weight + 0.05 * torch.randn_like(weight)}
     elif case.ref == "logps":
         common["ref_logps"] = -torch.rand(rows) * 20
     elif case.ref == "multi":
@@ -176,19 +177,35 @@ def test_fused_matches_reference(case_name, path, dtype):
         assert (grads["dH"][1] == 0).all()
 
 
-TRITON_CASES = ["dpo", "orpo", "kto", "aot"]
+# the generic path runs the policy head on Triton; the pair-fused path (PyTorch head) its reference pass
+TRITON_PARAMS = [("dpo", "generic"), ("dpo", "pair_fused"), ("orpo", "generic"), ("kto", "generic"),
+                 ("aot", "generic")]
+# NOTE: the Triton head's bf16 backward gives dW errors 2-3x those of the torch head on these inputs
+# (fastpo.kernels.logprobs); for ORPO at this seed that exceeds 2x naive bf16 PyTorch. Strict: XPASS fails.
+_TRITON_BF16_DW = pytest.mark.xfail(strict=True, reason="Triton head bf16 dW error > 2x naive bf16 PyTorch")
 
 
-@pytest.mark.parametrize("case_name", TRITON_CASES)
-def test_triton_head_matches_reference(case_name, triton_device):
-    """The generic path on the Triton head (and the reference pass on it), small shapes for the interpreter."""
+def _triton_params():
+    for case_name, path in TRITON_PARAMS:
+        for dtype in DTYPES:
+            marks = _TRITON_BF16_DW if (case_name, dtype) == ("orpo", torch.bfloat16) else ()
+            yield pytest.param(case_name, path, dtype, marks=marks, id=f"{case_name}-{path}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("case_name,path,dtype", list(_triton_params()))
+def test_triton_head_matches_reference(case_name, path, dtype, triton_device):
+    """Small shapes: on CPU the Triton kernels run in the interpreter."""
     case = CASES[case_name]
     case = Case(**{**case.__dict__, "B": 2, "T": 6, "H": 16, "V": 67})
-    common, tensors = make_inputs(case, torch.float32)
-    out, grads = run(fused_linear_preference_loss, case, common, tensors, torch.float32, path="generic", impl="triton")
+    common, tensors = make_inputs(case, dtype)
+    out, grads = run(fused_linear_preference_loss, case, common, tensors, dtype, path=path, impl="triton",
+                     chunk_vocab=32)
     truth, truth_grads = run(fused_linear_preference_loss_ref, case, common,
                              {k: None if v is None else v.double() for k, v in tensors.items()}, torch.float64)
-    check(case_name, out, grads, truth, truth_grads, torch.float32)
+    same, same_grads = (None, None)
+    if dtype != torch.float32:
+        same, same_grads = run(fused_linear_preference_loss_ref, case, common, tensors, dtype, upcast=False)
+    check(case_name, out, grads, truth, truth_grads, dtype, same, same_grads)
 
 
 def test_pair_fused_equals_generic_and_is_chunking_invariant():
@@ -217,7 +234,8 @@ def test_frozen_weight_and_forward_only():
     (dH,) = torch.autograd.grad(out.loss, [hidden])
     with torch.no_grad():
         plain = fused_linear_preference_loss(hidden, tensors["weight"], targets, bias=tensors["bias"],
-                                             ref_hidden=tensors["ref_hidden"], ref_weight=tensors["ref_weight"], **common)
+                                             ref_hidden=tensors["ref_hidden"], ref_weight=tensors["ref_weight"],
+                                             **common)
     torch.testing.assert_close(plain.loss, out.loss.detach(), rtol=1e-6, atol=1e-6)
     assert torch.isfinite(dH).all() and dH.abs().sum() > 0
 
@@ -235,7 +253,8 @@ def _small():
 
 @pytest.mark.parametrize("mutate,match", [
     (lambda h, w, y: (h[:3], w, y[:3], {}), "even number of rows"),
-    (lambda h, w, y: (h, w, y.index_fill(0, torch.tensor([2]), -100), {}), r"responses \[2\] have no completion tokens"),
+    (lambda h, w, y: (h, w, y.index_fill(0, torch.tensor([2]), -100), {}),
+     r"responses \[2\] have no completion tokens"),
     (lambda h, w, y: (h, w, y, {"loss_type": "dpo2"}), "unknown loss_type 'dpo2'"),
     (lambda h, w, y: (h, w, y, {"beta": 0.0}), "beta must be a finite number > 0"),
     (lambda h, w, y: (h, w, y, {"loss_type": "robust", "label_smoothing": 0.7}), "label_smoothing must lie in"),

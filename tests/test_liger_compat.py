@@ -38,7 +38,8 @@ def batch(rows, bias=True, ref=True):
     target[torch.arange(T)[None, :] >= torch.randint(4, T + 1, (rows, 1))] = -100  # right padding
     out = {"hidden": hidden, "weight": weight, "target": target, "bias": torch.randn(V) * 0.1 if bias else None}
     if ref:
-        out |= {"ref_hidden": hidden + 0.2 * torch.randn_like(hidden), "ref_weight": weight + 0.05 * torch.randn_like(weight)}
+        out |= {"ref_hidden": hidden + 0.2 * torch.randn_like(hidden),
+                "ref_weight": weight + 0.05 * torch.randn_like(weight)}
     return out
 
 

@@ -115,7 +115,8 @@ def test_dpo_loss_matches_trl_formula(loss_type):
     beta = 0.3
     got = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=beta, loss_type=loss_type,
                    chosen_num_tokens=n[:, 0], rejected_num_tokens=n[:, 1], **hp)
-    want = trl_loss(loss_type, logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], n[:, 0], n[:, 1], beta, **_trl_kwargs(hp))
+    want = trl_loss(loss_type, logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], n[:, 0], n[:, 1], beta,
+                    **_trl_kwargs(hp))
     # sft is an additive per-example decomposition of TRL's broadcast mean: compare the batch means
     if loss_type == "sft":
         got_l, want_l = got.losses.mean(), want.mean()
@@ -168,8 +169,9 @@ def test_dpo_loss_matches_liger_preference_fn(loss_type):
 def _one_pair(c_rho, r_rho, **kw):
     """A single pair with rho = (c_rho, r_rho): S = rho, S_ref = 0."""
     t = torch.tensor
-    return dict(policy_chosen_logps=t([c_rho], dtype=torch.float64), policy_rejected_logps=t([r_rho], dtype=torch.float64),
-                ref_chosen_logps=t([0.0], dtype=torch.float64), ref_rejected_logps=t([0.0], dtype=torch.float64), **kw)
+    d = torch.float64
+    return dict(policy_chosen_logps=t([c_rho], dtype=d), policy_rejected_logps=t([r_rho], dtype=d),
+                ref_chosen_logps=t([0.0], dtype=d), ref_rejected_logps=t([0.0], dtype=d), **kw)
 
 
 # (loss_type, c, r, beta, extra, expected): each value worked out by hand in the comment
@@ -179,7 +181,8 @@ HAND = [
     # max(0, 1 - 0.5 * 1) = 0.5
     ("hinge", 1.0, 0.0, 0.5, {}, 0.5),
     # n = (2, 4): (1/2 - (-2)/4 - 1/(2*0.5))^2 = (0.5 + 0.5 - 1)^2 = 0
-    ("ipo", 1.0, -2.0, 0.5, {"chosen_num_tokens": torch.tensor([2.0]), "rejected_num_tokens": torch.tensor([4.0])}, 0.0),
+    ("ipo", 1.0, -2.0, 0.5, {"chosen_num_tokens": torch.tensor([2.0]), "rejected_num_tokens": torch.tensor([4.0])},
+     0.0),
     # d = 0: q_w = q_l = 1/2; 1/2 (log 1/2 - log 0.9) + 1/2 (log 1/2 - log 0.1) = -log 2 - (log 0.9 + log 0.1)/2
     ("exo_pair", 0.0, 0.0, 1.0, {"label_smoothing": 0.1}, -math.log(2) - 0.5 * (math.log(0.9) + math.log(0.1))),
     # c = r = 0: log 2 + log 2 / 2 + log 2 / 2 = 2 log 2
@@ -199,7 +202,8 @@ HAND = [
     # z = 0: log 2 * (1 - 1/2) + e^0 * 1/2
     ("discopop", 0.0, 0.0, 1.0, {}, 0.5 * math.log(2) + 0.5),
     # n = (2, 1): -log sigmoid(1 * (2/2 - 0/1)) = log(1 + e^-1)
-    ("sigmoid_norm", 2.0, 0.0, 1.0, {"chosen_num_tokens": torch.tensor([2.0]), "rejected_num_tokens": torch.tensor([1.0])},
+    ("sigmoid_norm", 2.0, 0.0, 1.0,
+     {"chosen_num_tokens": torch.tensor([2.0]), "rejected_num_tokens": torch.tensor([1.0])},
      math.log1p(math.exp(-1))),
     # lambda = 0.5: -log sigmoid(2 - 0.5 * 2) = log(1 + e^-1)
     ("dpo_shift", 2.0, 2.0, 1.0, {"shift_lambda": 0.5}, math.log1p(math.exp(-1))),

@@ -349,7 +349,8 @@ def fused_linear_preference_loss(
         layout = _default_layout(targets, labels is not None)
     layout = _check_layout(layout, hidden_NH.shape[0], hidden.device)
     valid_N = targets_N != ignore_index
-    _check_nonempty(S.segment_sum(valid_N.float(), layout.token_response, layout.num_responses), allow_empty_completions)
+    counts_R = S.segment_sum(valid_N.float(), layout.token_response, layout.num_responses)
+    _check_nonempty(counts_R, allow_empty_completions)
     weights_N = S.token_weights_for(layout, valid_N, token_weights, ld_alpha)
     ref_R = _reference_sums(ref_hidden, ref_weight, ref_bias, ref_logps, targets_N, layout, weights_N, head)
     data = S.GroupData(pair_beta, pair_margin, pair_weight, labels, kl, ref_weights)

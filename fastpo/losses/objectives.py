@@ -592,7 +592,9 @@ def wpo_weights(inputs: PreferenceInputs) -> torch.Tensor:
     return torch.exp(inputs.wpo_logweights.detach().float().sum(-1))
 
 
-def preference_loss(loss_type, inputs: PreferenceInputs, *, loss_weights=None, use_weighting=False, **hparams) -> LossOutput:
+def preference_loss(
+    loss_type, inputs: PreferenceInputs, *, loss_weights=None, use_weighting=False, **hparams
+) -> LossOutput:
     """The trainer's single entry point: sum_k loss_weights[k] * LOSSES[loss_type[k]](inputs, ...).losses,
     times per-group weights and WPO weights. Rewards come from the first loss; metrics are merged.
 

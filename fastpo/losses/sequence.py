@@ -44,7 +44,8 @@ def _pair_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, r
     ref = _stack(ref_chosen_logps, ref_rejected_logps, "reference logps")
     if ref is not None and ref.shape[-2] != logps.shape[0]:
         raise ValueError(f"reference logps have {ref.shape[-2]} pairs, the policy has {logps.shape[0]}")
-    return PreferenceInputs(logps=logps, num_tokens=None if n is None else n.to(torch.promote_types(n.dtype, torch.float32)), ref_logps=ref, **extra)
+    n = None if n is None else n.to(torch.promote_types(n.dtype, torch.float32))
+    return PreferenceInputs(logps=logps, num_tokens=n, ref_logps=ref, **extra)
 
 
 def dpo_loss(
@@ -102,7 +103,9 @@ def simpo_loss(policy_chosen_logps, policy_rejected_logps, *, beta=0.1, gamma=0.
 def cpo_loss(policy_chosen_logps, policy_rejected_logps, *, beta=0.1, label_smoothing=0.0, cpo_alpha=1.0,
              chosen_num_tokens=None, rejected_num_tokens=None) -> PairLosses:
     """CPO on summed log-probs; the NLL term (cpo_alpha > 0) needs the token counts."""
-    inputs = _pair_inputs(policy_chosen_logps, policy_rejected_logps, None, None, chosen_num_tokens, rejected_num_tokens)
+    inputs = _pair_inputs(
+        policy_chosen_logps, policy_rejected_logps, None, None, chosen_num_tokens, rejected_num_tokens
+    )
     out = LOSSES["cpo"](inputs, beta=beta, label_smoothing=label_smoothing, cpo_alpha=cpo_alpha)
     return PairLosses(out.losses, out.chosen_rewards, out.rejected_rewards)
 

@@ -137,7 +137,8 @@ def _role_masks(inputs: PreferenceInputs):
     """[G, K] masks of chosen and rejected responses: rank 0 vs ranks >= 1, or KTO labels when K = 1."""
     G, K = inputs.logps.shape
     if K == 1:
-        labels = torch.ones(G, dtype=torch.bool, device=inputs.logps.device) if inputs.labels is None else inputs.labels.bool()
+        labels = inputs.labels
+        labels = torch.ones(G, dtype=torch.bool, device=inputs.logps.device) if labels is None else labels.bool()
         return labels[:, None], ~labels[:, None]
     rank = torch.arange(K, device=inputs.logps.device).expand(G, K)
     return rank == 0, rank > 0

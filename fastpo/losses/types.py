@@ -63,7 +63,9 @@ class ResponseLayout:
         Row i is response i; group g is (row g, row B + g).
         """
         if num_rows % 2:
-            raise ValueError(f"chosen/rejected batches need an even number of rows (B chosen then B rejected), got {num_rows}")
+            raise ValueError(
+                f"chosen/rejected batches need an even number of rows (B chosen then B rejected), got {num_rows}"
+            )
         B = num_rows // 2
         token_response = torch.arange(num_rows, device=device).repeat_interleave(seq_len)
         group_index = torch.stack([torch.arange(B, device=device), torch.arange(B, 2 * B, device=device)], 1)
