@@ -45,8 +45,13 @@ class PackingShape:
 
 
 SHAPES = {
-    "cpu": PackingShape(hidden=128, layers=2, heads=4, kv_heads=2, vocab=512, num_examples=8, response_len=32, max_tokens=512),
-    "cuda": PackingShape(hidden=1024, layers=8, heads=16, kv_heads=4, vocab=32000, num_examples=64, response_len=256, max_tokens=8192, dtype="bfloat16"),
+    "cpu": PackingShape(
+        hidden=128, layers=2, heads=4, kv_heads=2, vocab=512, num_examples=8, response_len=32, max_tokens=512
+    ),
+    "cuda": PackingShape(
+        hidden=1024, layers=8, heads=16, kv_heads=4, vocab=32000, num_examples=64, response_len=256,
+        max_tokens=8192, dtype="bfloat16",
+    ),
 }  # fmt: skip
 SHAPE = SHAPES[DEVICE]
 RATIOS = {0.4: "ultrafeedback-like", 2.0: "hh-like", 8.0: "summarization-like"}
@@ -87,10 +92,11 @@ def pair_loss(logp_sum):
     return -F.logsigmoid(0.1 * (logp_sum[0::2] - logp_sum[1::2])).mean()
 
 
-def _head_logps(model, hidden_BLH, src_index, targets, num_responses, token_response):
+def _head_logps(model, hidden_BLH, rows):
+    """Per-response log-prob sums through the fused head; `rows` has src_index, targets, token_response."""
     head = model.get_output_embeddings()
-    logp = token_stats(hidden_BLH.flatten(0, 1).index_select(0, src_index), head.weight, targets).logp
-    return torch.zeros(num_responses, device=logp.device).index_add(0, token_response, logp)
+    logp = token_stats(hidden_BLH.flatten(0, 1).index_select(0, rows["src_index"]), head.weight, rows["targets"]).logp
+    return torch.zeros(rows["num_responses"], device=logp.device).index_add(0, rows["token_response"], logp)
 
 
 def _padded_inputs(examples):
@@ -137,7 +143,7 @@ def make_step(provider, model, examples):
                 input_ids=batch.input_ids, attention_mask=dense_prefix_mask(batch.layout),
                 position_ids=batch.position_ids, use_cache=False,
             ).last_hidden_state  # fmt: skip
-            logp_sum = _head_logps(model, hidden, batch.src_index, batch.targets, batch.num_responses, batch.token_response)
+            logp_sum = _head_logps(model, hidden, vars(batch))
             loss = pair_loss(logp_sum)
             loss.backward()
             return loss
@@ -150,7 +156,7 @@ def make_step(provider, model, examples):
         hidden = model.get_decoder()(
             input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], use_cache=False
         ).last_hidden_state
-        logp_sum = _head_logps(model, hidden, padded["src_index"], padded["targets"], padded["num_responses"], padded["token_response"])
+        logp_sum = _head_logps(model, hidden, padded)
         loss = pair_loss(logp_sum)
         loss.backward()
         return loss

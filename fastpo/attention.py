@@ -133,20 +133,25 @@ def _compiled_flex():
     return torch.compile(flex_attention)
 
 
+def _softcap_score_mod(softcap):
+    """FlexAttention score_mod applying `softcap * tanh(score / softcap)` after scaling (as eager does)."""
+    if softcap is None:
+        return None
+
+    def score_mod(score, b, h, q, kv):
+        return softcap * torch.tanh(score / softcap)
+
+    return score_mod
+
+
 def _flex_backend(module, query, key, value, layout, scaling, dropout, window, softcap):
     from torch.nn.attention.flex_attention import flex_attention
 
     if dropout > 0:
         raise NotImplementedError("the flex backend has no attention dropout; set attention_dropout=0")
-    score_mod = None
-    if softcap is not None:
-
-        def score_mod(score, b, h, q, kv):
-            return softcap * torch.tanh(score / softcap)
-
     fn = _compiled_flex() if query.is_cuda else flex_attention
     out = fn(
-        query, key, value, score_mod=score_mod, block_mask=flex_block_mask(layout, window),
+        query, key, value, score_mod=_softcap_score_mod(softcap), block_mask=flex_block_mask(layout, window),
         scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
     )  # fmt: skip
     return out.transpose(1, 2)
@@ -191,14 +196,17 @@ def _torch_varlen_backend(module, query, key, value, layout, scaling, dropout, w
     return out.view(B, L, Hq, D)
 
 
-def varlen_emulated(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scaling, dropout=0.0, window=None, softcap=None, training=False):
+def varlen_emulated(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, *, scaling, dropout=0.0, window=None, softcap=None, training=False
+):
     """Reference for `flash_attn_varlen_func(..., causal=True)`: q [Tq, Hq, D], k/v [Tk, Hkv, D].
 
     Segment s: q rows cu_seqlens_q[s] .. [s+1] against k rows cu_seqlens_k[s] .. [s+1]; bottom-right
     causal alignment (query i sees key j iff j <= i + lk - lq) and `(i + lk - lq) - j < window`.
     """
     outs = []
-    for q0, q1, k0, k1 in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(), cu_seqlens_k[:-1].tolist(), cu_seqlens_k[1:].tolist()):
+    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for q0, q1, k0, k1 in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:]):
         lq, lk = q1 - q0, k1 - k0
         i = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
         j = torch.arange(lk, device=q.device)[None, :]
@@ -270,7 +278,9 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
 # ----------------------------------------------------------------------------------------------------
 
 
-def prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, softcap=None, **kwargs):
+def prefix_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, softcap=None, **kwargs
+):
     """transformers attention function (`"fastpo_prefix"`): query [B, Hq, L, D], key/value [B, Hkv, L, D]
     (RoPE applied) -> (out [B, L, Hq, D], None). The mask comes from `kwargs["fastpo_layout"]`."""
     layout = kwargs.get(LAYOUT_KWARG)
@@ -356,7 +366,15 @@ def _head(model):
     return head
 
 
-def score(model, batch: PackedBatch, *, backend: str = "auto", impl: str = "auto", extras: bool = False, temperature: float = 1.0) -> ResponseScores:
+def score(
+    model,
+    batch: PackedBatch,
+    *,
+    backend: str = "auto",
+    impl: str = "auto",
+    extras: bool = False,
+    temperature: float = 1.0,
+) -> ResponseScores:
     """Run the decoder body of `model` on a packed batch and the fused head on its completion rows.
 
     model    a transformers causal LM (`get_decoder()` and `get_output_embeddings()`); switched to the
@@ -374,7 +392,8 @@ def score(model, batch: PackedBatch, *, backend: str = "auto", impl: str = "auto
     if previous != ATTN_IMPLEMENTATION:
         logger.warning(
             "fastpo.score switched %s from attn_implementation=%r to %r; call "
-            "model.set_attn_implementation(%r) to restore it", type(model).__name__, previous, ATTN_IMPLEMENTATION, previous,
+            "model.set_attn_implementation(%r) to restore it",
+            type(model).__name__, previous, ATTN_IMPLEMENTATION, previous,
         )  # fmt: skip
     out = model.get_decoder()(
         input_ids=batch.input_ids,

@@ -72,7 +72,8 @@ def separate_token_logps(model, examples):
 def dpo_loss(logp_sum, response_example, response_rank, ref_logp, beta=0.5):
     """-log sigmoid(beta ((pi_i - ref_i) - (pi_j - ref_j))) over every pair i better than j of an example."""
     margin = logp_sum - ref_logp
-    better = (response_example[:, None] == response_example[None, :]) & (response_rank[:, None] < response_rank[None, :])
+    same = response_example[:, None] == response_example[None, :]
+    better = same & (response_rank[:, None] < response_rank[None, :])
     i, j = better.nonzero(as_tuple=True)
     return -F.logsigmoid(beta * (margin[i] - margin[j])).mean()
 
@@ -132,6 +133,21 @@ def test_packed_matches_separate_forwards(arch, share_prompt, backend):
     assert_grads_close(g, g_ref)
 
 
+def test_activation_checkpointing_gives_the_same_gradients():
+    """The layout kwarg survives transformers' checkpointed layers (recomputed in backward)."""
+    examples = make_examples(SPEC)
+    batch = pack_examples(examples, max_tokens=MAX_TOKENS)
+    model = make_model("qwen2")
+    ckpt = copy.deepcopy(model)
+    ckpt.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    ckpt.train()
+    ref_logp = torch.zeros(batch.num_responses)
+    s, g = run_packed(model, batch, ref_logp, "sdpa")
+    s_ckpt, g_ckpt = run_packed(ckpt, batch, ref_logp, "sdpa")
+    torch.testing.assert_close(s_ckpt.logp_sum, s.logp_sum, rtol=RTOL, atol=ATOL)
+    assert_grads_close(g_ckpt, g)
+
+
 def test_unpaired_examples_match_separate_forwards():
     examples = make_examples([(6, [4]), (3, [7, 2]), (11, [1])])
     batch = pack_examples(examples, max_tokens=32, min_responses=1)
@@ -146,7 +162,11 @@ def test_unpaired_examples_match_separate_forwards():
 
 @pytest.mark.parametrize(
     "arch, feature, off",
-    [("mistral", "sliding_window", 4096), ("gemma2", "sliding_window", 4096), ("gemma2", "attn_logit_softcapping", None)],
+    [
+        ("mistral", "sliding_window", 4096),
+        ("gemma2", "sliding_window", 4096),
+        ("gemma2", "attn_logit_softcapping", None),
+    ],
 )
 def test_window_and_softcap_are_exercised(arch, feature, off):
     """The equivalence tests would not notice a backend that ignores the window or the softcap if these
