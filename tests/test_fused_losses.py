@@ -12,7 +12,12 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from fastpo.losses import ResponseLayout, fused_linear_preference_loss, fused_linear_preference_loss_ref
+from fastpo.losses import (
+    ResponseLayout,
+    fused_linear_preference_loss,
+    fused_linear_preference_loss_ref,
+    response_logps,
+)
 from tests.tolerances import assert_parity
 
 
@@ -220,6 +225,21 @@ def test_pair_fused_equals_generic_and_is_chunking_invariant():
             torch.testing.assert_close(grads[k], base_grads[k], rtol=1e-5, atol=1e-6)
         for k in base.metrics:
             torch.testing.assert_close(out.metrics[k], base.metrics[k], rtol=1e-6, atol=1e-6)
+
+
+def test_precomputed_reference_equals_reference_head():
+    """Caching S_ref with `response_logps` gives the same loss and gradients as the on-the-fly reference."""
+    case = CASES["dpo"]
+    common, tensors = make_inputs(case, torch.float32)
+    layout = ResponseLayout.chosen_rejected(2 * case.B, case.T)
+    with torch.no_grad():
+        ref_logps = response_logps(tensors["ref_hidden"], tensors["ref_weight"], common["targets"], layout)
+    cached = dict(tensors, ref_hidden=None, ref_weight=None)
+    out, grads = run(fused_linear_preference_loss, case, dict(common, ref_logps=ref_logps), cached, torch.float32)
+    base, base_grads = run(fused_linear_preference_loss, case, common, tensors, torch.float32)
+    torch.testing.assert_close(out.loss, base.loss)
+    for k in grads:
+        torch.testing.assert_close(grads[k], base_grads[k])
 
 
 def test_frozen_weight_and_forward_only():

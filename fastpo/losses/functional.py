@@ -88,6 +88,19 @@ def _reference_sums(ref_hidden, ref_weight, ref_bias, ref_logps, targets_N, layo
     return S.reduce_tokens(layout.token_response, layout.num_responses, logp, valid, weights_N).logps
 
 
+def response_logps(hidden, weight, targets, layout, *, bias=None, token_weights=None, ignore_index=-100,
+                   temperature=1.0, impl="auto", chunk_tokens=1024, chunk_vocab=8192) -> torch.Tensor:
+    """Per-response log-prob sums `[R]` (fp32) from the head: for caching reference log-probs
+    (`ref_logps`) or scoring KTO's mismatched completions (`kto_reference_point`). Differentiable when the
+    inputs require grad; forward-only (nothing saved) under `torch.no_grad()`."""
+    hidden_NH, targets_N = _rows(hidden, targets)
+    layout = _check_layout(layout, hidden_NH.shape[0], hidden.device)
+    head = HeadOptions(ignore_index, temperature, impl, chunk_tokens, chunk_vocab)
+    logp = token_logprobs(hidden_NH, weight, targets_N, bias=bias, **head.op_kwargs())
+    w = None if token_weights is None else token_weights.reshape(-1).float()
+    return S.reduce_tokens(layout.token_response, layout.num_responses, logp, targets_N != ignore_index, w).logps
+
+
 @dataclass(frozen=True)
 class HeadOptions:
     ignore_index: int = -100
