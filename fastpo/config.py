@@ -515,7 +515,8 @@ def _convert(key: str, value, tp):
     origin = typing.get_origin(inner)
     if origin in (list, tuple):
         items = value if isinstance(value, (list, tuple)) else [value]
-        items = [p.strip() for v in items for p in (v.split(",") if isinstance(v, str) else [v]) if p != ""]
+        items = [p.strip() if isinstance(p, str) else p
+                 for v in items for p in (v.split(",") if isinstance(v, str) else [v]) if p != ""]
         item_tp = typing.get_args(inner)[0]
         converted = [_convert(key, v, item_tp) for v in items]
         return tuple(converted) if origin is tuple else converted
