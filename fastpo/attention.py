@@ -305,7 +305,12 @@ def prefix_attention(
 
 def prefix_mask_builder(*args, attention_mask=None, **kwargs):
     """Mask builder registered with the attention function: the mask is built inside the attention
-    function from the layout, so this returns None (and refuses a padding mask it would ignore)."""
+    function from the layout, so this returns None (and refuses a padding mask it would ignore).
+
+    NOTE: before calling a registered builder, transformers 5.x runs its packed-sequence detection on
+    `position_ids` (`masking_utils.find_packed_sequence_indices`), which waits on the device once per
+    mask type and forward. An unregistered key would skip it, but would also drop a user's padding mask
+    without a word; the error is worth the sync."""
     if attention_mask is not None:
         raise ValueError(
             f"{ATTN_IMPLEMENTATION!r} takes no attention_mask: padding and sequence boundaries come from "
