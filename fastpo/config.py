@@ -35,6 +35,7 @@ DEMO_TRAIN = str(_DEMO_DIR / "train.jsonl")
 DEMO_EVAL = str(_DEMO_DIR / "eval.jsonl")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_BACKENDS = ("auto", "flash_varlen", "flex", "sdpa", "torch_varlen", "varlen_emulated")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 DATA_FORMATS = ("auto", "preference", "chat", "hh", "ranked", "kto")
 # Used only when the loss registry does not say which objectives need a reference model.
 REFERENCE_FREE_FALLBACK = frozenset({"simpo", "cpo", "orpo"})
@@ -219,6 +220,8 @@ class LossConfig:
         if self.label_smoothing is not None:
             _check(0.0 <= self.label_smoothing < 0.5, "loss.label_smoothing", "a value in [0, 0.5)",
                    self.label_smoothing)
+        if self.f_divergence_type is not None:
+            _choice("loss", self, "f_divergence_type", F_DIVERGENCES)
         if self.ld_alpha is not None:
             _check(0.0 <= self.ld_alpha <= 1.0, "loss.ld_alpha", "a value in [0, 1]", self.ld_alpha)
 

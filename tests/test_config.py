@@ -91,6 +91,7 @@ def test_unknown_file_key_suggests(tmp_path):
     (["--loss.loss_type", "sigmoid,sft", "--loss.loss_weights", "1"], r"--loss\.loss_weights"),
     (["--model.dtype", "int8"], r"--model\.dtype"),
     (["--device", "tpu"], r"--device"),
+    (["--loss.f_divergence_type", "kl"], r"--loss\.f_divergence_type.*reverse_kl"),
     (["--logging.tensorboard", "maybe"], r"--logging\.tensorboard.*true or false"),
 ])  # fmt: skip
 def test_field_validation(argv, match):
