@@ -385,7 +385,11 @@ def logprobs_bwd(grad_N, hidden_NH, weight_VH, bias_V, targets_N, lse_N, order, 
     C = max(1, min(params.chunk_tokens, N))
     targets_i32 = targets_N.to(torch.int32)
     grad = grad_N.float().contiguous()
-    dz_CV = torch.empty((C, V), dtype=hidden_NH.dtype, device=hidden_NH.device)
+    # NOTE: Triton 3.9's interpreter rounds fp32 -> bf16 toward zero (the GPU rounds to nearest even),
+    # which doubles and biases the dz rounding error; under the interpreter dz is written in fp32 and
+    # rounded by torch (nearest even) before the GEMMs, the same numbers a GPU produces.
+    dz_dtype = torch.float32 if _upcast_dot(hidden_NH.dtype) else hidden_NH.dtype
+    dz_CV = torch.empty((C, V), dtype=dz_dtype, device=hidden_NH.device)
     dh = torch.zeros_like(hidden_NH) if needs[0] else None
     dW = torch.zeros(weight_VH.shape, dtype=torch.float32, device=weight_VH.device) if needs[1] else None
     db = torch.zeros(V, dtype=torch.float32, device=weight_VH.device) if needs[2] else None
@@ -424,7 +428,7 @@ def logprobs_bwd(grad_N, hidden_NH, weight_VH, bias_V, targets_N, lse_N, order, 
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
-        dz = dz_CV[:rows]
+        dz = dz_CV[:rows].to(hidden_NH.dtype)
         src = order[c0 : c0 + rows]
         if dh is not None:
             dh.index_copy_(0, src, dz @ weight_VH)
