@@ -106,7 +106,9 @@ class DataReport:
         return f"data [{self.format}]: rows {rows}; kept {kept}; truncated: {cut}; filtered: {dropped}"
 
 
-def load_preference_dataset(cfg: DataConfig, tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample], DataReport]:
+def load_preference_dataset(
+    cfg: DataConfig, tokenizer
+) -> tuple[list[TokenizedExample], list[TokenizedExample], DataReport]:
     """Load, normalize, tokenize and truncate `cfg.dataset` (and its eval part). Raises ValueError on an
     unknown dataset, missing columns or an empty training set after filtering."""
     train_ds, eval_ds = load_splits(cfg)

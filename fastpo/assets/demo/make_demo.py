@@ -9,13 +9,13 @@ Writes, next to this file and deterministically (fixed seed):
   `AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(dir))` (no weights are shipped).
 - `train.jsonl`, `eval.jsonl`: prompt/chosen/rejected rows over small generated problems in which the
   chosen answer is correct and the rejected one is a plausible mistake (a sum off by one or an operand
-  instead of the sum, the other number of a comparison, the wrong parity). Each problem (prompt) lands in exactly one of the two files, so the eval
-  accuracy measures preferences on problems never seen in training.
+  instead of the sum, the other number of a comparison, the wrong parity). Each problem (prompt) lands
+  in exactly one of the two files, so the eval accuracy measures preferences on problems never seen in
+  training.
 """
 
 import json
 import random
-import string
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
