@@ -103,6 +103,8 @@ def apply_fsdp(root: torch.nn.Module, blocks, world: World, *, mp: MixedPrecisio
     for module in root.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
+            # plain SUM collectives (gloo has no PREMUL_SUM; NCCL's SUM is zero-copy)
+            module.set_force_sum_reduction_for_comms(True)
     return root
 
 

@@ -377,7 +377,12 @@ def build(cfg, world: parallel.World):
 
     from fastpo.data import load_preference_dataset
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.name, revision=cfg.model.revision)
+    source = cfg.model.tokenizer or cfg.model.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.model.revision)
+    except (OSError, ValueError) as e:
+        flag = "--model.tokenizer" if cfg.model.tokenizer else "--model.name"
+        raise ValueError(f"{flag}={source!r}: cannot load a tokenizer from it ({e})") from e
     if cfg.data.pad_token_id is None:
         cfg.data.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train, held_out, report = load_preference_dataset(cfg.data, tokenizer)

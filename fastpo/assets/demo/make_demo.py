@@ -8,8 +8,8 @@ Writes, next to this file and deterministically (fixed seed):
 - `config.json`: a tiny Llama decoder, built with random init by
   `AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(dir))` (no weights are shipped).
 - `train.jsonl`, `eval.jsonl`: prompt/chosen/rejected rows over small generated problems in which the
-  chosen answer is correct and the rejected one is a plausible mistake (a sum off by one or an operand
-  instead of the sum, the other number of a comparison, the wrong parity). Each problem (prompt) lands
+  chosen answer is correct and the rejected one is a plausible mistake (the other letter or number
+  of a comparison, the wrong parity). Each problem (prompt) lands
   in exactly one of the two files, so the eval accuracy measures preferences on problems never seen in
   training.
 """
@@ -93,11 +93,12 @@ def write_model_config(out: Path, vocab_size: int) -> None:
 
 # Problem generators: each returns every (prompt, correct answer, [plausible wrong answers]) of its
 # kind, so that problems can be split between train and eval before sampling rows.
-def add_problems():
-    for a in range(10):
-        for b in range(10):
-            s = a + b
-            yield f"What is {a}+{b}?", str(s), [str(s + 1), str(abs(s - 1)), str(a), str(b)]
+def alphabet_problems():
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    for x in letters:
+        for y in letters:
+            if x != y:
+                yield f"Which comes first in the alphabet, {x} or {y}?", min(x, y), [max(x, y)]
 
 
 def compare_problems():
@@ -117,7 +118,7 @@ def parity_problems():
 def make_rows(rng: random.Random) -> tuple[list[dict], list[dict]]:
     """Split each kind's problems into train and eval problems, then sample rows from each side."""
     kinds = [
-        list(add_problems()),
+        list(alphabet_problems()),
         list(compare_problems()),
         list(parity_problems()),
     ]
