@@ -106,7 +106,10 @@ def peak_memory_bytes(module: str, func: str, kwargs: dict) -> int:
         "import json, sys; from bench.harness import _child_peak; "
         f"print(json.dumps(_child_peak({module!r}, {func!r}, json.loads(sys.argv[1]))))"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([_repo_root(), os.environ.get("PYTHONPATH", "")])}
+    # A fixed mmap threshold makes glibc return every large block on free (its default threshold grows
+    # up to 32 MiB and then keeps freed tensors in the heap), so peak RSS tracks live tensor memory.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([_repo_root(), os.environ.get("PYTHONPATH", "")]),
+           "MALLOC_MMAP_THRESHOLD_": "131072"}
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True,
                           env=env, check=False, timeout=600)
     if proc.returncode != 0:
