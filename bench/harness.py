@@ -2,7 +2,7 @@
 
 Timing: pytest-benchmark's `pedantic` with a CUDA synchronize at the end of every call on GPU.
 Peak memory: on CUDA `max_memory_allocated` above the live memory before the call; on CPU the
-case runs in a fresh subprocess and reports its peak RSS (ru_maxrss) above its RSS just before the
+case runs in a fresh subprocess and reports its peak RSS (VmHWM) above its RSS just before the
 call, so one case's allocations never hide another's.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -121,8 +120,15 @@ def _child_peak(module: str, func: str, kwargs: dict) -> int:
     fn = getattr(__import__(module, fromlist=[func]), func)(**kwargs)
     base = _rss_bytes()
     fn()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return max(0, peak - base)
+    return max(0, _peak_rss_bytes() - base)
+
+
+def _peak_rss_bytes() -> int:
+    """VmHWM of this process image. (ru_maxrss would not do: across fork + exec Linux carries the
+    parent's high-water mark into the child's.)"""
+    with open("/proc/self/status") as f:
+        line = next(ln for ln in f if ln.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 
 
 def _repo_root() -> str:
