@@ -123,8 +123,11 @@ def test_export_loads_with_transformers_and_gives_same_logprobs(tmp_path):
         (["--data.dataset", "/nonexistent/data.jsonl"], "/nonexistent/data.jsonl"),
         (["--loss.name", "simpo", "--ref.name", "some/model"], "reference-free"),
         (["--loss.name", "dpoo"], "did you mean"),
+        (["--loss.name", "kto"], "does not run unpaired"),
+        (["--loss.ld_alpha", "0.5"], "LD-DPO"),
     ],
-    ids=["unknown-model", "unknown-dataset", "ref-with-reference-free-loss", "unknown-loss"],
+    ids=["unknown-model", "unknown-dataset", "ref-with-reference-free-loss", "unknown-loss", "kto-not-wired",
+         "ld-alpha-not-wired"],
 )
 def test_bad_input_fails_before_training(tmp_path, args, message):
     with pytest.raises(ValueError) as info:

@@ -519,11 +519,13 @@ def mrpo(inputs, *, beta=0.1):
 @dataclass(frozen=True)
 class Objective:
     """A registered objective. `pair_local`: the gradient for a group depends on that group only (given
-    precomputed detached batch constants such as nll_scale or KTO's z0), so the pair-fused head applies."""
+    precomputed detached batch constants such as nll_scale or KTO's z0), so the pair-fused head applies.
+    `needs_reference`: it reads reference log-probs (False: reference-free, no reference model)."""
 
     name: str
     fn: Callable[..., LossOutput]
     pair_local: bool = True
+    needs_reference: bool = True
 
     def __call__(self, inputs: PreferenceInputs, **hparams) -> LossOutput:
         return self.fn(inputs, **hparams)
@@ -540,8 +542,9 @@ _OBJECTIVES = [
     Objective("cdpo", cdpo), Objective("bco_pair", bco_pair), Objective("sppo_hard", sppo_hard),
     Objective("aot", aot, pair_local=False), Objective("aot_unpaired", aot_unpaired, pair_local=False),
     Objective("apo_zero", apo_zero), Objective("apo_down", apo_down), Objective("discopop", discopop),
-    Objective("sigmoid_norm", sigmoid_norm), Objective("sft", sft), Objective("rpo", rpo),
-    Objective("simpo", simpo), Objective("cpo", cpo), Objective("orpo", orpo),
+    Objective("sigmoid_norm", sigmoid_norm), Objective("sft", sft, needs_reference=False), Objective("rpo", rpo),
+    Objective("simpo", simpo, needs_reference=False), Objective("cpo", cpo, needs_reference=False),
+    Objective("orpo", orpo, needs_reference=False),
     Objective("kto", kto), Objective("apo_zero_unpaired", apo_zero_unpaired),
     Objective("dpo_shift", dpo_shift), Objective("plackett_luce", plackett_luce), Objective("mrpo", mrpo),
     Objective("dpo", sigmoid),
