@@ -72,6 +72,37 @@ INTERPRETER_CONFIGS = {
 
 
 @triton.jit
+def _logit_tile(
+    hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, offs_v, col_mask, H,
+    stride_hn, stride_hh, stride_wv, stride_wh,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """h[rows] W[offs_v]^T + b[offs_v] as a [BLOCK_N, BLOCK_V] fp32 tile, K-loop over H (shared by the
+    forward and the backward recompute)."""
+    offs_h = tl.arange(0, BLOCK_H)
+    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for k0 in range(0, H, BLOCK_H):
+        k_mask = (k0 + offs_h) < H
+        h = tl.load(
+            hidden_ptr + rows[:, None] * stride_hn + (k0 + offs_h)[None, :] * stride_hh,
+            mask=row_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            weight_ptr + offs_v[None, :] * stride_wv + (k0 + offs_h)[:, None] * stride_wh,
+            mask=col_mask[None, :] & k_mask[:, None],
+            other=0.0,
+        )
+        if UPCAST_DOT:
+            h, w = h.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_v, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _logprobs_fwd_kernel(
     # data ptrs
     hidden_ptr,
@@ -117,7 +148,6 @@ def _logprobs_fwd_kernel(
     row_mask = offs_n < n_valid
     rows = tl.load(order_ptr + offs_n, mask=row_mask, other=0).to(tl.int64)
     y = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
-    offs_h = tl.arange(0, BLOCK_H)
     # 2. online log-sum-exp over the tiles of this vocabulary split
     v_lo = pid_s * cols_per_split
     v_hi = tl.minimum(v_lo + cols_per_split, V)
@@ -131,25 +161,10 @@ def _logprobs_fwd_kernel(
     for v0 in range(v_lo, v_hi, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         col_mask = offs_v < v_hi
-        # 2a. logit tile z = h W^T over the K = H axis, fp32 accumulator
-        acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        for k0 in range(0, H, BLOCK_H):
-            k_mask = (k0 + offs_h) < H
-            h = tl.load(
-                hidden_ptr + rows[:, None] * stride_hn + (k0 + offs_h)[None, :] * stride_hh,
-                mask=row_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            w = tl.load(
-                weight_ptr + offs_v[None, :] * stride_wv + (k0 + offs_h)[:, None] * stride_wh,
-                mask=col_mask[None, :] & k_mask[:, None],
-                other=0.0,
-            )
-            if UPCAST_DOT:
-                h, w = h.to(tl.float32), w.to(tl.float32)
-            acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_v, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        # 2a. logit tile z = (h W^T + b) * scale, fp32 accumulator
+        acc = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, offs_v, col_mask, H,
+                          stride_hn, stride_hh, stride_wv, stride_wh,
+                          HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_H)
         z = tl.where(col_mask[None, :], acc * scale, float("-inf"))
         # 2b. epilogue: m' = max(m, max z); s = s e^(m - m') + sum e^(z - m')
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -230,25 +245,9 @@ def _logprobs_bwd_kernel(
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     g = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
     # 2. recompute the logit tile
-    offs_h = tl.arange(0, BLOCK_H)
-    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-    for k0 in range(0, H, BLOCK_H):
-        k_mask = (k0 + offs_h) < H
-        h = tl.load(
-            hidden_ptr + rows[:, None] * stride_hn + (k0 + offs_h)[None, :] * stride_hh,
-            mask=row_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        w = tl.load(
-            weight_ptr + offs_v[None, :] * stride_wv + (k0 + offs_h)[:, None] * stride_wh,
-            mask=col_mask[None, :] & k_mask[:, None],
-            other=0.0,
-        )
-        if UPCAST_DOT:
-            h, w = h.to(tl.float32), w.to(tl.float32)
-        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_v, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    acc = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, offs_v, col_mask, H,
+                      stride_hn, stride_hh, stride_wv, stride_wh,
+                      HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_H)
     # 3. dz = g (onehot - p) * scale, with 1 - p_y formed in fp32
     p = tl.exp(acc * scale - lse[:, None])
     onehot_minus_p = tl.where(offs_v[None, :] == y[:, None], 1.0 - p, -p)
