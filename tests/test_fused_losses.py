@@ -165,6 +165,16 @@ def _params():
                 yield pytest.param(name, path, dtype, id=f"{name}-{path}-{str(dtype)[6:]}")
 
 
+def check_against_reference(case_name, case, common, tensors, dtype, out, grads):
+    """`out`/`grads` against the float64 naive reference (and, for half dtypes, the same-dtype one)."""
+    truth, truth_grads = run(fused_linear_preference_loss_ref, case, common,
+                             {k: None if v is None else v.double() for k, v in tensors.items()}, torch.float64)
+    same, same_grads = (None, None)
+    if dtype != torch.float32:
+        same, same_grads = run(fused_linear_preference_loss_ref, case, common, tensors, dtype, upcast=False)
+    check(case_name, out, grads, truth, truth_grads, dtype, same, same_grads)
+
+
 @pytest.mark.parametrize("case_name,path,dtype", list(_params()))
 def test_fused_matches_reference(case_name, path, dtype):
     case = CASES[case_name]
@@ -172,12 +182,7 @@ def test_fused_matches_reference(case_name, path, dtype):
     chunk = case.chunk_pairs * case.T * (3 if case.loss_type == "plackett_luce" else 2)
     out, grads = run(fused_linear_preference_loss, case, common, tensors, dtype, path=path, impl="torch",
                      chunk_tokens=chunk, chunk_vocab=64)
-    truth, truth_grads = run(fused_linear_preference_loss_ref, case, common,
-                             {k: None if v is None else v.double() for k, v in tensors.items()}, torch.float64)
-    same, same_grads = (None, None)
-    if dtype != torch.float32:
-        same, same_grads = run(fused_linear_preference_loss_ref, case, common, tensors, dtype, upcast=False)
-    check(case_name, out, grads, truth, truth_grads, dtype, same, same_grads)
+    check_against_reference(case_name, case, common, tensors, dtype, out, grads)
     if "empty" in case.extra:
         assert (grads["dH"][1] == 0).all()
 
@@ -201,12 +206,7 @@ def test_triton_head_matches_reference(case_name, path, dtype, triton_device):
     common, tensors = make_inputs(case, dtype)
     out, grads = run(fused_linear_preference_loss, case, common, tensors, dtype, path=path, impl="triton",
                      chunk_vocab=32)
-    truth, truth_grads = run(fused_linear_preference_loss_ref, case, common,
-                             {k: None if v is None else v.double() for k, v in tensors.items()}, torch.float64)
-    same, same_grads = (None, None)
-    if dtype != torch.float32:
-        same, same_grads = run(fused_linear_preference_loss_ref, case, common, tensors, dtype, upcast=False)
-    check(case_name, out, grads, truth, truth_grads, dtype, same, same_grads)
+    check_against_reference(case_name, case, common, tensors, dtype, out, grads)
 
 
 def test_pair_fused_equals_generic_and_is_chunking_invariant():
