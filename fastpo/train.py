@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
         resume = resolve_resume(cfg)
         if resume:
             trainer.resume(resume)
+        if cfg.ref.precompute:
+            trainer.precompute_reference(trainer.train_examples)
         log = RunLog(cfg, trainer.num_steps, enabled=world.is_main, initial_step=trainer.state.step)
         log.message(str(report))
         log.message(f"world {world.size} x {world.device.type}; {trainer.num_steps} steps of "

@@ -395,8 +395,8 @@ def build(cfg, world: parallel.World):
             ref_cfg = copy.deepcopy(cfg)
             ref_cfg.model.name, ref_cfg.model.init = cfg.ref.name, "pretrained"
             reference = frozen_copy(load_model(ref_cfg, world.device))
-        reference = parallelize(Scorer(reference, backend=cfg.model.attn_backend, impl=cfg.model.head_impl),
-                                cfg, world, train=False)
+        reference = parallelize(Scorer(reference, backend=cfg.model.attn_backend, impl=cfg.model.head_impl,
+                                       extras=False), cfg, world, train=False)
     policy = parallelize(Scorer(model, backend=cfg.model.attn_backend, impl=cfg.model.head_impl), cfg, world,
                          train=True)
     o = cfg.optim

@@ -70,6 +70,22 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_precomputed_reference_equals_on_the_fly(tmp_path):
+    """--ref.precompute scores every training example once, caches the sums on disk, and trains to the
+    same losses as a reference forward per step; a second run reads the cache."""
+    cache = ["--ref.precompute", "true", "--ref.cache_dir", str(tmp_path / "cache")]
+    _run([], tmp_path / "live")
+    _run(cache, tmp_path / "cached")
+    files = list((tmp_path / "cache").iterdir())
+    assert len(files) == 1 and files[0].name.startswith("ref-")
+    _run(cache, tmp_path / "reread")
+    live, cached, reread = (_losses(tmp_path / d) for d in ("live", "cached", "reread"))
+    for step in live:
+        assert abs(live[step] - cached[step]) <= 1e-6 * max(1.0, abs(live[step])), (step, live, cached)
+        assert cached[step] == reread[step]
+
+
+@pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted(tmp_path):
     """Kill a run once its step-3 checkpoint is on disk; the resumed run's later losses equal the
     uninterrupted run's."""
