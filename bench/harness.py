@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -141,7 +141,3 @@ def device_name() -> str:
     import platform
 
     return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
-
-
-def shape_dict(shape) -> dict:
-    return asdict(shape)

@@ -114,7 +114,7 @@ def pack(examples, cfg, min_responses=2) -> PackedBatch:
         [(ex.prompt_ids, ex.response_ids) for ex in examples],
         max_tokens=cfg.data.max_tokens,
         share_prompt=cfg.data.share_prefix,
-        prompt_truncation="keep_end" if cfg.data.truncation_mode == "keep_end" else "keep_start",
+        prompt_truncation=cfg.data.truncation_mode,
         min_responses=min_responses,
         pad_token_id=cfg.data.pad_token_id,
     )
@@ -172,8 +172,9 @@ def finish_metrics(sums: torch.Tensor, loss_sum: torch.Tensor) -> dict:
 class Trainer:
     """Owns the policy, the reference, the optimizer and the data; `train()` runs to the end."""
 
-    def __init__(self, cfg, world, policy: Scorer, reference: Scorer | None, optimizer, scheduler, data, hparams):
-        self.cfg, self.world = cfg, world
+    def __init__(self, cfg, world, policy: Scorer, reference: Scorer | None, optimizer, scheduler, data, hparams,
+                 num_steps: int):
+        self.cfg, self.world, self.num_steps = cfg, world, num_steps
         self.policy, self.reference = policy, reference
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_examples, self.eval_examples = data
@@ -220,13 +221,16 @@ class Trainer:
 
     # -- steps -----------------------------------------------------------------------------------
 
+    def objective(self, batch: PackedBatch, ref_logps, nll_scale):
+        """Policy scores of a packed batch and the objective on them: (LossOutput, inputs, scores)."""
+        scores = self.policy(batch)
+        inputs = loss_inputs(scores, ref_logps, batch, nll_scale)
+        return preference_loss(self.cfg.loss.losses(), inputs, **self.hparams), inputs, scores
+
     def forward_backward_step(self, examples, global_examples: int, nll_scale) -> tuple[torch.Tensor, torch.Tensor]:
         """One micro-batch: score, objective, backward of sum(losses) / global_examples."""
         batch = pack(examples, self.cfg).to(self.world.device)
-        ref = self.reference_logps(examples, batch)
-        scores = self.policy(batch)
-        inputs = loss_inputs(scores, ref, batch, nll_scale)
-        out = preference_loss(self.cfg.loss.losses(), inputs, **self.hparams)
+        out, inputs, scores = self.objective(batch, self.reference_logps(examples, batch), nll_scale)
         loss = out.losses.sum() / global_examples
         loss.backward()
         return loss.detach(), metric_sums(out, inputs, scores, batch)
@@ -257,11 +261,11 @@ class Trainer:
         for i in range(0, len(mine), bs):
             chunk = mine[i : i + bs]
             batch = pack(chunk, self.cfg).to(self.world.device)
+            # never the training cache: eval examples are indexed in their own split
             ref = None if self.reference is None else self.reference(batch).logp_sum
-            scores = self.policy(batch)
-            inputs = loss_inputs(scores, ref, batch, _nll_scale(chunk))
-            out = preference_loss(self.cfg.loss.losses(), inputs, **self.hparams)
-            loss_sum, sums = loss_sum + out.losses.sum() / len(self.eval_examples), sums + metric_sums(out, inputs, scores, batch)
+            out, inputs, scores = self.objective(batch, ref, _nll_scale(chunk))
+            loss_sum = loss_sum + out.losses.sum() / len(self.eval_examples)
+            sums = sums + metric_sums(out, inputs, scores, batch)
         return {f"eval/{k}": v for k, v in finish_metrics(sums, torch.as_tensor(loss_sum)).items()}
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -404,8 +408,8 @@ def build(cfg, world: parallel.World):
                                   weight_decay=o.weight_decay)
     steps = total_steps(cfg, len(train))
     scheduler = lr_schedule(optimizer, o.schedule, o.warmup_steps, steps, o.min_lr_ratio)
-    trainer = Trainer(cfg, world, policy, reference, optimizer, scheduler, (train, held_out), cfg.loss.hparams())
-    trainer.num_steps = steps
+    trainer = Trainer(cfg, world, policy, reference, optimizer, scheduler, (train, held_out), cfg.loss.hparams(),
+                      steps)
     return trainer, tokenizer, report
 
 

@@ -500,7 +500,6 @@ class TritonLogprobsFunction(torch.autograd.Function):
 
 def token_stats_triton(hidden_NH, weight_VH, bias_V, targets_N, params: HeadParams, needs_grad: bool) -> TokenStats:
     """Triton implementation of `fastpo.ops.token_stats` on flattened, validated inputs."""
-    _check_launchable(hidden_NH)
     hidden_NH = hidden_NH.contiguous()
     if not needs_grad:
         # reference-model path: forward only, nothing kept
