@@ -58,11 +58,17 @@ class KernelConfig:
     num_stages: int
 
 
-# Hopper (and other CUDA) tiles: 128x128 logit tiles with a 64-deep K step keep two operand stages in
-# shared memory (2 * (128 + 128) * 64 * 2 B = 64 KiB) and leave registers for the fp32 epilogue.
+# Hopper (and other CUDA) tiles, per operand width. 16-bit: 128x128 logit tiles with a 64-deep K step,
+# three cp.async stages (3 * (128 + 128) * 64 * 2 B = 96 KiB of shared memory) feeding wgmma; the fp32
+# accumulator and the epilogue fit in 255 registers without spills (checked by ptxas in the AOT test).
+# fp32 (IEEE dots, no wgmma): 128x64x32 tiles, since 128x128 spills the accumulator.
 CUDA_CONFIGS = {
     "fwd": KernelConfig(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
     "bwd": KernelConfig(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
+}
+CUDA_CONFIGS_FP32 = {
+    "fwd": KernelConfig(BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, num_warps=8, num_stages=3),
+    "bwd": KernelConfig(BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, num_warps=8, num_stages=3),
 }
 # The interpreter runs each program as numpy code: few, mid-sized tiles are fastest.
 INTERPRETER_CONFIGS = {
@@ -264,8 +270,10 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def kernel_config(phase: str, device: torch.device) -> KernelConfig:
-    return (CUDA_CONFIGS if device.type == "cuda" else INTERPRETER_CONFIGS)[phase]
+def kernel_config(phase: str, device: torch.device, dtype: torch.dtype) -> KernelConfig:
+    if device.type != "cuda":
+        return INTERPRETER_CONFIGS[phase]
+    return (CUDA_CONFIGS_FP32 if dtype == torch.float32 else CUDA_CONFIGS)[phase]
 
 
 @functools.lru_cache
@@ -314,7 +322,7 @@ def logprobs_fwd(hidden_NH, weight_VH, bias_V, targets_N, params: HeadParams, nu
     _check_launchable(hidden_NH)
     N, H = hidden_NH.shape
     V = weight_VH.shape[0]
-    cfg = kernel_config("fwd", hidden_NH.device)
+    cfg = kernel_config("fwd", hidden_NH.device, hidden_NH.dtype)
     targets_i32 = targets_N.to(torch.int32)
     order, count = valid_first_order(targets_N, params.ignore_index)
     row_blocks = max(1, triton.cdiv(N, cfg.BLOCK_N))
@@ -380,7 +388,7 @@ def logprobs_bwd(grad_N, hidden_NH, weight_VH, bias_V, targets_N, lse_N, order, 
     """Backward launcher: (dH, dW, db) for an upstream gradient `grad_N` (None where not needed)."""
     N, H = hidden_NH.shape
     V = weight_VH.shape[0]
-    cfg = kernel_config("bwd", hidden_NH.device)
+    cfg = kernel_config("bwd", hidden_NH.device, hidden_NH.dtype)
     C = max(1, min(params.chunk_tokens, N))
     targets_i32 = targets_N.to(torch.int32)
     grad = grad_N.float().contiguous()
@@ -439,34 +447,50 @@ def logprobs_bwd(grad_N, hidden_NH, weight_VH, bias_V, targets_N, lse_N, order, 
 
 
 _TORCH_TO_TRITON = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# What the JIT specializes for contiguous, 16-byte aligned inputs with H and V multiples of 16 (every
+# model shape): unit strides become constants and the rest carry tt.divisibility=16. Without these
+# facts the loads cannot be vectorized and the K-loop is not software-pipelined, so compiling without
+# them would check a kernel that never runs.
+_UNIT_STRIDES = ("stride_hh", "stride_wh")
+_DIVISIBLE = ("V", "H", "stride_hn", "stride_wv", "stride_dzn")
 
 
-def aot_specs(configs=CUDA_CONFIGS):
-    """Every compiled variant of the two kernels as (name, kernel, signature, constexprs, options), for
-    ahead-of-time compilation (`triton.compile(ASTSource(kernel, signature, constexprs), target=...)`)."""
+def _aot_spec(name, kernel, sig, const, cfg):
+    const = const | dict.fromkeys(_UNIT_STRIDES, 1)
+    sig = sig | dict.fromkeys(const, "constexpr")
+    params = list(sig)
+    divisible = [i for i, p in enumerate(params) if sig[p].startswith("*") or p in _DIVISIBLE]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in divisible}
+    return name, kernel, sig, const, attrs, _options(cfg)
+
+
+def aot_specs(configs=None):
+    """Every compiled variant of the two kernels as (name, kernel, signature, constexprs, attrs, options), for
+    ahead-of-time compilation (`triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=...)`).
+    `configs`: {"fwd": KernelConfig, "bwd": KernelConfig} for every dtype; default: the CUDA tables."""
+    cuda = torch.device("cuda")
+    strides = dict.fromkeys(["stride_hn", "stride_hh", "stride_wv", "stride_wh"], "i32")
     for dtype, ty in _TORCH_TO_TRITON.items():
         for has_bias in (False, True):
+            table = configs or {phase: kernel_config(phase, cuda, dtype) for phase in ("fwd", "bwd")}
             common = dict(HAS_BIAS=has_bias, DOT_PRECISION=_dot_precision(dtype), UPCAST_DOT=False)
             for extras in (False, True):
-                cfg = configs["fwd"]
+                cfg = table["fwd"]
                 sig = {"hidden_ptr": f"*{ty}", "weight_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "targets_ptr": "*i32",
                        "order_ptr": "*i64", "count_ptr": "*i32"}
                 sig |= {f"{name}_ptr": "*fp32" for name in Partials._fields}
-                sig |= dict.fromkeys(["N", "V", "H", "cols_per_split"], "i32")
-                sig |= dict.fromkeys(["stride_hn", "stride_hh", "stride_wv", "stride_wh"], "i32") | {"scale": "fp32"}
+                sig |= dict.fromkeys(["N", "V", "H", "cols_per_split"], "i32") | strides | {"scale": "fp32"}
                 const = common | dict(EXTRAS=extras, BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H)
-                yield (f"fwd-{ty}-bias{int(has_bias)}-extras{int(extras)}", _logprobs_fwd_kernel,
-                       sig | dict.fromkeys(const, "constexpr"), const, _options(cfg))
-            cfg = configs["bwd"]
+                yield _aot_spec(f"fwd-{ty}-bias{int(has_bias)}-extras{int(extras)}", _logprobs_fwd_kernel, sig, const,
+                                cfg)
+            cfg = table["bwd"]
             sig = {"hidden_ptr": f"*{ty}", "weight_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "targets_ptr": "*i32",
                    "order_ptr": "*i64", "count_ptr": "*i32", "lse_ptr": "*fp32", "grad_ptr": "*fp32",
                    "dz_ptr": f"*{ty}"}
-            sig |= dict.fromkeys(["V", "H", "chunk_start", "chunk_rows"], "i32")
-            sig |= dict.fromkeys(["stride_hn", "stride_hh", "stride_wv", "stride_wh", "stride_dzn"], "i32")
+            sig |= dict.fromkeys(["V", "H", "chunk_start", "chunk_rows"], "i32") | strides | {"stride_dzn": "i32"}
             sig |= {"scale": "fp32"}
             const = common | dict(BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H)
-            yield (f"bwd-{ty}-bias{int(has_bias)}", _logprobs_bwd_kernel,
-                   sig | dict.fromkeys(const, "constexpr"), const, _options(cfg))
+            yield _aot_spec(f"bwd-{ty}-bias{int(has_bias)}", _logprobs_bwd_kernel, sig, const, cfg)
 
 
 def _options(cfg: KernelConfig) -> dict:
