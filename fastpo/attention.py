@@ -359,16 +359,11 @@ class ResponseScores(NamedTuple):
 
 
 def _head(model):
+    """(LM head, final-logit soft cap or None): the head op applies the cap as the model does (Gemma 2)."""
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise TypeError(f"{type(model).__name__} has no linear LM head (get_output_embeddings() is {head!r})")
-    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    if softcap is not None:
-        raise NotImplementedError(
-            f"final_logit_softcapping={softcap} is not supported by the fused head yet; "
-            "set config.final_logit_softcapping=None to train without it (changes the model's logits)"
-        )
-    return head
+    return head, getattr(model.config.get_text_config(), "final_logit_softcapping", None)
 
 
 def score(
@@ -392,7 +387,7 @@ def score(
     gradient is the sum over them); per-response sums are fp32 `index_add_`. Same path for the policy
     (with gradient) and the reference model (under `torch.no_grad()`).
     """
-    head = _head(model)
+    head, softcap = _head(model)
     previous = enable_prefix_sharing(model)
     if previous != ATTN_IMPLEMENTATION:
         logger.warning(
@@ -410,7 +405,7 @@ def score(
     hidden_MH = hidden_BLH.flatten(0, 1).index_select(0, batch.src_index)
     stats = token_stats(
         hidden_MH, head.weight, batch.targets, bias=head.bias, ignore_index=batch.ignore_index,
-        temperature=temperature, extras=extras, impl=impl,
+        temperature=temperature, softcap=softcap, extras=extras, impl=impl,
     )  # fmt: skip
     logp_sum = torch.zeros(batch.num_responses, dtype=torch.float32, device=stats.logp.device)
     logp_sum = logp_sum.index_add(0, batch.token_response, stats.logp.float())

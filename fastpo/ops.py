@@ -2,14 +2,16 @@
 
 Shapes: N tokens reaching the head, H hidden size, V vocabulary, S vocabulary splits (partials).
 
-    z_tv    = (h_t . W_v + b_v) / temperature          never stored whole
+    a_tv    = h_t . W_v + b_v                           never stored whole
+    z_tv    = c tanh(a_tv / c) / temperature            c = softcap (Gemma 2); z = a / temperature without
     lse_t   = logsumexp_v z_tv
     logp_t  = z_t,y_t - lse_t                           fp32, 0 where y_t == ignore_index
 
 Backward, for an upstream gradient g_t = dL/dlogp_t and p_tv = exp(z_tv - lse_t):
 
     dz_tv = g_t (1[v = y_t] - p_tv) / temperature
-    dh_t  = sum_v dz_tv W_v        dW_v = sum_t dz_tv h_t        db_v = sum_t dz_tv
+    da_tv = dz_tv (1 - tanh^2(a_tv / c))                (da = dz without a softcap)
+    dh_t  = sum_v da_tv W_v        dW_v = sum_t da_tv h_t        db_v = sum_t da_tv
 
 Both implementations sweep the vocabulary in tiles and keep, per (token, tile), the partial statistics
 of `Partials`; `combine_partials` merges them exactly (m = max_k m_k, s = sum_k s_k e^(m_k - m)). The
@@ -76,6 +78,8 @@ class HeadParams:
     """Compute the `EXTRA_OUTPUTS` in the same pass."""
     chunk_tokens: int = 1024
     chunk_vocab: int = 8192
+    softcap: float | None = None
+    """c of the final-logit soft cap z = c tanh(a / c) (Gemma 2's `final_logit_softcapping`), or None."""
 
 
 def combine_partials(p: Partials, valid_N: torch.Tensor, vocab_size: int, extras: bool):
@@ -117,16 +121,34 @@ def unpack_extras(logp: torch.Tensor, extras_4N: torch.Tensor | None) -> TokenSt
 # ----------------------------------------------------------------------------------------------------
 
 
-def _logits_f32(hidden_nH, weight_vH, bias_v, scale):
-    """fp32 logits of one (token chunk, vocab chunk) tile, from an fp32 GEMM accumulator."""
+def _pre_logits_f32(hidden_nH, weight_vH, bias_v):
+    """a = h W^T + b of one (token chunk, vocab chunk) tile, from an fp32 GEMM accumulator."""
     if hidden_nH.is_cuda and hidden_nH.dtype in (torch.bfloat16, torch.float16):
-        z = torch.mm(hidden_nH, weight_vH.T, out_dtype=torch.float32)
+        a = torch.mm(hidden_nH, weight_vH.T, out_dtype=torch.float32)
     else:
         acc = _acc_dtype(hidden_nH)
-        z = hidden_nH.to(acc) @ weight_vH.to(acc).T
+        a = hidden_nH.to(acc) @ weight_vH.to(acc).T
     if bias_v is not None:
-        z.add_(bias_v.to(z.dtype))
-    return z.mul_(scale)
+        a.add_(bias_v.to(a.dtype))
+    return a
+
+
+def _logits_f32(hidden_nH, weight_vH, bias_v, scale, softcap=None):
+    """fp32 logits z = c tanh(a / c) * scale (or a * scale) of one tile, computed in place."""
+    a = _pre_logits_f32(hidden_nH, weight_vH, bias_v)
+    if softcap is None:
+        return a.mul_(scale)
+    return a.div_(softcap).tanh_().mul_(softcap * scale)
+
+
+def _logits_and_cap_grad(hidden_nH, weight_vH, bias_v, scale, softcap):
+    """(z, dz/da) of one tile for the backward; dz/da = 1 - tanh^2(a / c) (None without a soft cap: the
+    chain factor is 1). Costs one extra tile buffer, only with a soft cap."""
+    if softcap is None:
+        return _logits_f32(hidden_nH, weight_vH, bias_v, scale), None
+    t = _pre_logits_f32(hidden_nH, weight_vH, bias_v).div_(softcap).tanh_()
+    cap_grad = torch.addcmul(torch.ones_like(t), t, t, value=-1.0)
+    return t.mul_(softcap * scale), cap_grad
 
 
 def _acc_dtype(x):
@@ -165,7 +187,7 @@ def _torch_forward(hidden_NH, weight_VH, bias_V, targets_N, params: HeadParams):
         tiles = []
         for v0 in range(0, V, params.chunk_vocab):
             b = None if bias_V is None else bias_V[v0 : v0 + params.chunk_vocab]
-            z = _logits_f32(h, weight_VH[v0 : v0 + params.chunk_vocab], b, params.scale)
+            z = _logits_f32(h, weight_VH[v0 : v0 + params.chunk_vocab], b, params.scale, params.softcap)
             tiles.append(_tile_partials(z, y, v0, params.extras))
         partials = Partials(*(torch.stack(t) if t[0] is not None else None for t in zip(*tiles)))
         stats, lse = combine_partials(partials, valid_N[n0 : n0 + params.chunk_tokens], V, params.extras)
@@ -176,7 +198,8 @@ def _torch_forward(hidden_NH, weight_VH, bias_V, targets_N, params: HeadParams):
 
 
 def _torch_backward(grad_N, hidden_NH, weight_VH, bias_V, targets_N, lse_N, params: HeadParams, needs):
-    """dz = g (onehot(y) - p) * scale, recomputed per tile in place; dh, dW, db accumulate in fp32."""
+    """da = g (onehot(y) - p) * scale (* the soft cap's chain factor), recomputed per tile in place; dh, dW,
+    db accumulate in fp32."""
     V = weight_VH.shape[0]
     acc = _acc_dtype(hidden_NH)
     g_N = torch.where(targets_N != params.ignore_index, grad_N.to(acc), 0.0)
@@ -189,12 +212,15 @@ def _torch_backward(grad_N, hidden_NH, weight_VH, bias_V, targets_N, lse_N, para
         for v0 in range(0, V, params.chunk_vocab):
             w = weight_VH[v0 : v0 + params.chunk_vocab]
             b = None if bias_V is None else bias_V[v0 : v0 + params.chunk_vocab]
-            dz = _logits_f32(h, w, b, params.scale).sub_(lse[:, None]).exp_().mul_(-g[:, None])
+            z, cap_grad = _logits_and_cap_grad(h, w, b, params.scale, params.softcap)
+            dz = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])
             local_y = y - v0
             hit = (local_y >= 0) & (local_y < w.shape[0])
             # + g at the target column, in fp32: (1 - p_y) never rounds before the subtraction
             dz.scatter_add_(1, local_y.clamp(0, w.shape[0] - 1)[:, None], torch.where(hit, g, 0.0)[:, None])
             dz.mul_(params.scale)
+            if cap_grad is not None:
+                dz.mul_(cap_grad)
             if dh is not None:
                 dh[sl] += dz @ w.to(acc)
             if dW is not None:
@@ -227,7 +253,7 @@ class TorchLogprobsFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _validate(hidden, weight, targets, bias, ignore_index, temperature, impl):
+def _validate(hidden, weight, targets, bias, ignore_index, temperature, impl, softcap=None):
     if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
         raise TypeError(f"hidden must be a floating-point tensor [N, H] or [B, T, H], got {_describe(hidden)}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -250,6 +276,8 @@ def _validate(hidden, weight, targets, bias, ignore_index, temperature, impl):
         raise ValueError(f"bias must be [V]={weight.shape[0]} of dtype {hidden.dtype}, got {_describe(bias)}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     _check_target_range(targets, weight.shape[0], ignore_index)
@@ -289,21 +317,23 @@ def token_stats(
     bias=None,
     ignore_index=-100,
     temperature=1.0,
+    softcap=None,
     extras=False,
     impl="auto",
     chunk_tokens=1024,
     chunk_vocab=8192,
 ) -> TokenStats:
     """`token_logprobs` plus, with `extras=True`, entropy, log sum p^2, mean logit and is-top-1 from
-    the same pass over the vocabulary. Extras carry no gradient.
+    the same pass over the vocabulary (all of the capped, tempered logits z). Extras carry no gradient.
 
     With no gradient needed (inference mode, or no input requiring grad) nothing is saved for backward:
     this is the reference-model path.
     """
-    _validate(hidden, weight, targets, bias, ignore_index, temperature, impl)
+    _validate(hidden, weight, targets, bias, ignore_index, temperature, impl, softcap)
     hidden_NH = hidden.reshape(-1, hidden.shape[-1])
     targets_N = targets.reshape(-1)
-    params = HeadParams(ignore_index, 1.0 / temperature, bool(extras), chunk_tokens, chunk_vocab)
+    params = HeadParams(ignore_index, 1.0 / temperature, bool(extras), chunk_tokens, chunk_vocab,
+                        None if softcap is None else float(softcap))
     impl = _resolve_impl(impl, hidden.device)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
@@ -319,8 +349,10 @@ def token_stats(
     return unpack_extras(logp, extras_4N)
 
 
-def token_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, temperature=1.0, impl="auto", **kwargs):
-    """fp32 `[N]` log-probs `log softmax((hidden @ weight.T + bias) / temperature)[t, targets[t]]`.
+def token_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None,
+                   impl="auto", **kwargs):
+    """fp32 `[N]` log-probs `log softmax((hidden @ weight.T + bias) / temperature)[t, targets[t]]`; with
+    `softcap=c` the logits are first capped to `c tanh(logits / c)` (Gemma 2's final-logit soft cap).
 
     hidden `[N, H]` or `[B, T, H]` (flattened); weight `[V, H]`; targets int `[N]` (or `[B, T]`);
     exactly 0 where `targets == ignore_index`. Differentiable in hidden, weight and bias for any
@@ -328,5 +360,6 @@ def token_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, tem
     under TRITON_INTERPRET=1), "torch" (chunked PyTorch, the CPU path) or "auto" (Triton on CUDA).
     """
     return token_stats(
-        hidden, weight, targets, bias=bias, ignore_index=ignore_index, temperature=temperature, impl=impl, **kwargs
+        hidden, weight, targets, bias=bias, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+        impl=impl, **kwargs
     ).logp

@@ -17,23 +17,28 @@ import torch.nn.functional as F
 from fastpo.ops import TokenStats
 
 
-def _logits_ref(hidden, weight, bias, temperature, upcast):
+def _logits_ref(hidden, weight, bias, temperature, upcast, softcap=None):
     hidden_NH = hidden.reshape(-1, hidden.shape[-1])
     if upcast:
         dtype = torch.promote_types(hidden.dtype, torch.float32)
         hidden_NH, weight, bias = hidden_NH.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
     logits_NV = F.linear(hidden_NH, weight, bias)
-    return logits_NV.to(torch.promote_types(logits_NV.dtype, torch.float32)) / temperature
+    logits_NV = logits_NV.to(torch.promote_types(logits_NV.dtype, torch.float32))
+    if softcap is not None:
+        logits_NV = softcap * torch.tanh(logits_NV / softcap)
+    return logits_NV / temperature
 
 
-def token_stats_ref(hidden, weight, targets, *, bias=None, ignore_index=-100, temperature=1.0, upcast=True):
+def token_stats_ref(hidden, weight, targets, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None,
+                    upcast=True):
     """All per-token statistics from materialized logits; differentiable in every input.
 
-    logp_t = z_t,y - logsumexp_v z_t,v, with z = (h W^T + b) / temperature;
+    logp_t = z_t,y - logsumexp_v z_t,v, with z = (h W^T + b) / temperature, or z = c tanh((h W^T + b) / c) /
+    temperature with `softcap=c`;
     entropy_t = -sum_v p log p;  log_sum_sq_probs_t = log sum_v p^2;  mean_logits_t = mean_v z;
     is_top1_t = argmax_v z == y (first index on ties). Rows with `targets == ignore_index` give 0.
     """
-    z_NV = _logits_ref(hidden, weight, bias, temperature, upcast)
+    z_NV = _logits_ref(hidden, weight, bias, temperature, upcast, softcap)
     y_N = targets.reshape(-1)
     valid_N = y_N != ignore_index
     logprobs_NV = z_NV.log_softmax(-1)
@@ -51,9 +56,10 @@ def token_stats_ref(hidden, weight, targets, *, bias=None, ignore_index=-100, te
     )
 
 
-def token_logprobs_ref(hidden, weight, targets, *, bias=None, ignore_index=-100, temperature=1.0, upcast=True):
-    """`log softmax((h W^T + b) / T)` at the targets, from materialized logits; 0 at `ignore_index`."""
-    z_NV = _logits_ref(hidden, weight, bias, temperature, upcast)
+def token_logprobs_ref(hidden, weight, targets, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None,
+                       upcast=True):
+    """`log softmax(cap(h W^T + b) / T)` at the targets, from materialized logits; 0 at `ignore_index`."""
+    z_NV = _logits_ref(hidden, weight, bias, temperature, upcast, softcap)
     y_N = targets.reshape(-1)
     valid_N = y_N != ignore_index
     logp = z_NV.log_softmax(-1).gather(-1, torch.where(valid_N, y_N, 0)[:, None]).squeeze(-1)

@@ -2,7 +2,9 @@
 
 Shapes: N tokens, H hidden size, V vocabulary, S vocabulary splits, C tokens per backward chunk.
 
-    z_tv   = (h_t . W_v + b_v) * scale           scale = 1 / temperature, fp32 accumulator
+    a_tv   = h_t . W_v + b_v                     fp32 accumulator
+    z_tv   = a_tv * scale                        scale = 1 / temperature
+           = c tanh(a_tv / c) * scale            with a soft cap c (SOFTCAP, Gemma 2)
     logp_t = z_t,y_t - logsumexp_v z_tv
 
 Forward (`_logprobs_fwd_kernel`): a BLOCK_N x BLOCK_V tiled GEMM over H whose epilogue folds each logit
@@ -14,6 +16,7 @@ atomics). Only `lse` [N] is kept for backward.
 Backward (`_logprobs_bwd_kernel`): per chunk of C rows, recompute the logit tiles and write
 
     dz_tv = g_t (1[v = y_t] - p_tv) * scale       (1 - p_ty) formed in fp32 before any rounding
+            * (1 - tanh^2(a_tv / c))              with a soft cap (the chain factor dz/da)
 
 into a bounded [C, V] buffer in the inputs' dtype, then dH = dz W and dW += dz^T h run as cuBLAS GEMMs
 with fp32 accumulation (dW accumulates across chunks in fp32 and is cast once).
@@ -33,6 +36,7 @@ fp32 dots (TF32 would cost ~1e-3 relative error).
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -109,6 +113,17 @@ def _logit_tile(
 
 
 @triton.jit
+def _soft_cap(a, softcap):
+    """(tanh(a / c), 1 - tanh^2(a / c)) from e = exp(-2|a / c|): tanh = sign(a) (1 - e) / (1 + e) and
+    1 - tanh^2 = 4e / (1 + e)^2, which keeps its relative precision where the logit saturates."""
+    x = a / softcap
+    e = tl.exp(-2.0 * tl.abs(x))
+    r = 1.0 / (1.0 + e)
+    t = (1.0 - e) * r
+    return tl.where(x < 0, -t, t), 4.0 * e * r * r
+
+
+@triton.jit
 def _logprobs_fwd_kernel(
     # data ptrs
     hidden_ptr,
@@ -136,7 +151,9 @@ def _logprobs_fwd_kernel(
     stride_wh,
     # constants
     scale,
+    softcap,
     HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     EXTRAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
@@ -167,10 +184,12 @@ def _logprobs_fwd_kernel(
     for v0 in range(v_lo, v_hi, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         col_mask = offs_v < v_hi
-        # 2a. logit tile z = (h W^T + b) * scale, fp32 accumulator
+        # 2a. logit tile z = (h W^T + b) * scale (soft-capped first), fp32 accumulator
         acc = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, offs_v, col_mask, H,
                           stride_hn, stride_hh, stride_wv, stride_wh,
                           HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_H)
+        if SOFTCAP:
+            acc = _soft_cap(acc, softcap)[0] * softcap
         z = tl.where(col_mask[None, :], acc * scale, float("-inf"))
         # 2b. epilogue: m' = max(m, max z); s = s e^(m - m') + sum e^(z - m')
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -224,7 +243,9 @@ def _logprobs_bwd_kernel(
     stride_dzn,
     # constants
     scale,
+    softcap,
     HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -254,10 +275,16 @@ def _logprobs_bwd_kernel(
     acc = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, offs_v, col_mask, H,
                       stride_hn, stride_hh, stride_wv, stride_wh,
                       HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_H)
-    # 3. dz = g (onehot - p) * scale, with 1 - p_y formed in fp32
+    # 3. dz = g (onehot - p) * scale, with 1 - p_y formed in fp32, times dz/da under a soft cap
+    if SOFTCAP:
+        t, cap_grad = _soft_cap(acc, softcap)
+        acc = t * softcap
     p = tl.exp(acc * scale - lse[:, None])
     onehot_minus_p = tl.where(offs_v[None, :] == y[:, None], 1.0 - p, -p)
-    dz = tl.where(row_mask[:, None] & col_mask[None, :], onehot_minus_p * (g * scale)[:, None], 0.0)
+    dz = onehot_minus_p * (g * scale)[:, None]
+    if SOFTCAP:
+        dz = dz * cap_grad
+    dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
     tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=store_mask)
 
 
@@ -362,7 +389,9 @@ def logprobs_fwd(hidden_NH, weight_VH, bias_V, targets_N, params: HeadParams, nu
         weight_VH.stride(1),
         # constants
         params.scale,
+        params.softcap or 1.0,
         HAS_BIAS=bias_V is not None,
+        SOFTCAP=params.softcap is not None,
         EXTRAS=params.extras,
         DOT_PRECISION=_dot_precision(hidden_NH.dtype),
         UPCAST_DOT=_upcast_dot(hidden_NH.dtype),
@@ -426,7 +455,9 @@ def logprobs_bwd(grad_N, hidden_NH, weight_VH, bias_V, targets_N, lse_N, order, 
             dz_CV.stride(0),
             # constants
             params.scale,
+            params.softcap or 1.0,
             HAS_BIAS=bias_V is not None,
+            SOFTCAP=params.softcap is not None,
             DOT_PRECISION=_dot_precision(hidden_NH.dtype),
             UPCAST_DOT=_upcast_dot(hidden_NH.dtype),
             BLOCK_N=cfg.BLOCK_N,
@@ -471,26 +502,26 @@ def aot_specs(configs=None):
     cuda = torch.device("cuda")
     strides = dict.fromkeys(["stride_hn", "stride_hh", "stride_wv", "stride_wh"], "i32")
     for dtype, ty in _TORCH_TO_TRITON.items():
-        for has_bias in (False, True):
+        for has_bias, softcap in itertools.product((False, True), (False, True)):
             table = configs or {phase: kernel_config(phase, cuda, dtype) for phase in ("fwd", "bwd")}
-            common = dict(HAS_BIAS=has_bias, DOT_PRECISION=_dot_precision(dtype), UPCAST_DOT=False)
+            common = dict(HAS_BIAS=has_bias, SOFTCAP=softcap, DOT_PRECISION=_dot_precision(dtype), UPCAST_DOT=False)
+            tag = f"{ty}-bias{int(has_bias)}-cap{int(softcap)}"
             for extras in (False, True):
                 cfg = table["fwd"]
                 sig = {"hidden_ptr": f"*{ty}", "weight_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "targets_ptr": "*i32",
                        "order_ptr": "*i64", "count_ptr": "*i32"}
                 sig |= {f"{name}_ptr": "*fp32" for name in Partials._fields}
-                sig |= dict.fromkeys(["N", "V", "H", "cols_per_split"], "i32") | strides | {"scale": "fp32"}
+                sig |= dict.fromkeys(["N", "V", "H", "cols_per_split"], "i32") | strides | {"scale": "fp32", "softcap": "fp32"}
                 const = common | dict(EXTRAS=extras, BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H)
-                yield _aot_spec(f"fwd-{ty}-bias{int(has_bias)}-extras{int(extras)}", _logprobs_fwd_kernel, sig, const,
-                                cfg)
+                yield _aot_spec(f"fwd-{tag}-extras{int(extras)}", _logprobs_fwd_kernel, sig, const, cfg)
             cfg = table["bwd"]
             sig = {"hidden_ptr": f"*{ty}", "weight_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "targets_ptr": "*i32",
                    "order_ptr": "*i64", "count_ptr": "*i32", "lse_ptr": "*fp32", "grad_ptr": "*fp32",
                    "dz_ptr": f"*{ty}"}
             sig |= dict.fromkeys(["V", "H", "chunk_start", "chunk_rows"], "i32") | strides | {"stride_dzn": "i32"}
-            sig |= {"scale": "fp32"}
+            sig |= {"scale": "fp32", "softcap": "fp32"}
             const = common | dict(BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H)
-            yield _aot_spec(f"bwd-{ty}-bias{int(has_bias)}", _logprobs_bwd_kernel, sig, const, cfg)
+            yield _aot_spec(f"bwd-{tag}", _logprobs_bwd_kernel, sig, const, cfg)
 
 
 def _options(cfg: KernelConfig) -> dict:

@@ -3,7 +3,7 @@
 Ground truth: every `[prompt + response]` run on its own through the stock model (eager attention),
 `logits.log_softmax(-1)` gathered at the response tokens, in fp32. Tiny random-weight models with GQA
 (4 query heads, 2 key/value heads); Mistral and Gemma-2 with a sliding window (8) shorter than the
-longer prompts, Gemma-2 with attention-logit softcapping small enough to bite.
+longer prompts, Gemma-2 with attention-logit and final-logit softcapping small enough to bite.
 """
 
 import copy
@@ -31,7 +31,7 @@ CONFIGS = {
     "mistral": lambda: MistralConfig(**COMMON, sliding_window=8),
     "gemma2": lambda: Gemma2Config(
         **COMMON, head_dim=8, query_pre_attn_scalar=8, sliding_window=8,
-        attn_logit_softcapping=2.0, final_logit_softcapping=None,  # the fused head has no final softcap
+        attn_logit_softcapping=2.0, final_logit_softcapping=1.0,
     ),  # fmt: skip
 }
 # several examples per row, K = 2 and K = 3, prompts of 1 to 40 tokens, responses of 1 to 30
@@ -166,6 +166,7 @@ def test_unpaired_examples_match_separate_forwards():
         ("mistral", "sliding_window", 4096),
         ("gemma2", "sliding_window", 4096),
         ("gemma2", "attn_logit_softcapping", None),
+        ("gemma2", "final_logit_softcapping", None),
     ],
 )
 def test_window_and_softcap_are_exercised(arch, feature, off):
@@ -310,13 +311,6 @@ def test_model_without_layout_or_with_padding_mask_raises():
     batch = pack_examples([([1], [[2], [3]])], max_tokens=3)
     with pytest.raises(ValueError, match="takes no attention_mask"):
         model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, fastpo_layout=batch.layout)
-
-
-def test_final_logit_softcapping_is_refused():
-    model = make_model("gemma2", final_logit_softcapping=30.0)
-    batch = pack_examples([([1], [[2], [3]])], max_tokens=3)
-    with pytest.raises(NotImplementedError, match="final_logit_softcapping=30.0"):
-        score(model, batch)
 
 
 def test_resolve_backend():

@@ -36,6 +36,7 @@ class Case:
     extra: tuple = ()  # names of optional inputs: token_weights, ld_alpha, wpo, pair, kto, confident, packed, empty
     chunk_pairs: int = 1
     generic_only: bool = False
+    softcap: float | None = None
 
 
 # Why each case is here:
@@ -60,6 +61,8 @@ CASES = {
     "plackett_luce_packed": Case("plackett_luce", B=3, extra=("packed",), chunk_pairs=1),
     # several precomputed references with weights
     "mrpo": Case("mrpo", ref="multi"),
+    # Gemma 2's final-logit soft cap, small enough to bend most logits, with temperature: policy and reference
+    "dpo_softcap": Case(temperature=0.8, softcap=1.5),
     # near-one-hot softmax: 1 - p_y must be formed in fp32
     "confident": Case(extra=("confident",), V=257),
     # a response with no completion token contributes S = 0 and gets no gradient
@@ -85,7 +88,8 @@ def make_inputs(case: Case, dtype):
     if "empty" in case.extra:
         targets[1] = -100
     tensors = {"hidden": hidden, "weight": weight, "bias": torch.randn(case.V) * 0.1 if case.bias else None}
-    common = {"targets": targets, "loss_type": case.loss_type, "temperature": case.temperature}
+    common = {"targets": targets, "loss_type": case.loss_type, "temperature": case.temperature,
+              "softcap": case.softcap}
     common |= {k: v for k, v in case.hparams.items()}
     if case.ref == "hidden":
         tensors |= {"ref_hidden": hidden + 0.3 * torch.randn_like(hidden),

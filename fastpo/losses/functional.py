@@ -89,13 +89,13 @@ def _reference_sums(ref_hidden, ref_weight, ref_bias, ref_logps, targets_N, layo
 
 
 def response_logps(hidden, weight, targets, layout, *, bias=None, token_weights=None, ignore_index=-100,
-                   temperature=1.0, impl="auto", chunk_tokens=1024, chunk_vocab=8192) -> torch.Tensor:
+                   temperature=1.0, softcap=None, impl="auto", chunk_tokens=1024, chunk_vocab=8192) -> torch.Tensor:
     """Per-response log-prob sums `[R]` (fp32) from the head: for caching reference log-probs
     (`ref_logps`) or scoring KTO's mismatched completions (`kto_reference_point`). Differentiable when the
     inputs require grad; forward-only (nothing saved) under `torch.no_grad()`."""
     hidden_NH, targets_N = _rows(hidden, targets)
     layout = _check_layout(layout, hidden_NH.shape[0], hidden.device)
-    head = HeadOptions(ignore_index, temperature, impl, chunk_tokens, chunk_vocab)
+    head = HeadOptions(ignore_index, temperature, impl, chunk_tokens, chunk_vocab, softcap)
     logp = token_logprobs(hidden_NH, weight, targets_N, bias=bias, **head.op_kwargs())
     w = None if token_weights is None else token_weights.reshape(-1).float()
     return S.reduce_tokens(layout.token_response, layout.num_responses, logp, targets_N != ignore_index, w).logps
@@ -108,10 +108,11 @@ class HeadOptions:
     impl: str = "auto"
     chunk_tokens: int = 1024
     chunk_vocab: int = 8192
+    softcap: float | None = None
 
     def op_kwargs(self):
-        return dict(ignore_index=self.ignore_index, temperature=self.temperature, impl=self.impl,
-                    chunk_tokens=self.chunk_tokens, chunk_vocab=self.chunk_vocab)
+        return dict(ignore_index=self.ignore_index, temperature=self.temperature, softcap=self.softcap,
+                    impl=self.impl, chunk_tokens=self.chunk_tokens, chunk_vocab=self.chunk_vocab)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -197,11 +198,11 @@ class FusedParams:
     weights_N: torch.Tensor | None
 
 
-def _chunk_logits(h, weight, bias, scale, chunk_vocab):
-    """[n_c, V] fp32 logits of a chunk, built tile by tile over the vocabulary."""
+def _chunk_logits(h, weight, bias, scale, softcap, chunk_vocab):
+    """[n_c, V] fp32 logits of a chunk (soft-capped when `softcap` is set), built tile by tile over the vocabulary."""
     V = weight.shape[0]
     tiles = [_logits_f32(h, weight[v0 : v0 + chunk_vocab], None if bias is None else bias[v0 : v0 + chunk_vocab],
-                         scale) for v0 in range(0, V, chunk_vocab)]
+                         scale, softcap) for v0 in range(0, V, chunk_vocab)]
     return torch.cat(tiles, 1) if len(tiles) > 1 else tiles[0]
 
 
@@ -227,14 +228,19 @@ def _chunk_objective(seq, plan, p: FusedParams):
     return total.detach(), g_S, g_nll
 
 
-def _chunk_head_grads(z, lse, y, valid, g_N, h, weight, scale, chunk_vocab, dW, db):
-    """dz = g (onehot(y) - p) * scale, written over z in place; returns dH of the chunk and accumulates dW, db."""
+def _chunk_head_grads(z, lse, y, valid, g_N, h, weight, scale, softcap, chunk_vocab, dW, db):
+    """dz = g (onehot(y) - p) * scale (* 1 - tanh^2 under a soft cap), written over z in place; returns dH of the
+    chunk and accumulates dW, db."""
     acc = torch.promote_types(h.dtype, torch.float32)
     g_N = torch.where(valid, g_N, 0.0)
+    # z = c tanh(a / c) * scale, so tanh = z / (c * scale) and dz/da = 1 - tanh^2
+    cap_grad = None if softcap is None else torch.square(z * (1.0 / (softcap * scale))).neg_().add_(1.0)
     dz = z.sub_(lse[:, None]).exp_().mul_(-g_N[:, None])
     # + g at the target column, in fp32: 1 - p_y never rounds before the subtraction
     dz.scatter_add_(1, torch.where(valid, y, 0)[:, None], g_N[:, None])
     dz.mul_(scale)
+    if cap_grad is not None:
+        dz.mul_(cap_grad)
     dH = torch.zeros(h.shape, dtype=acc, device=h.device)
     for v0 in range(0, weight.shape[0], chunk_vocab):
         w, d = weight[v0 : v0 + chunk_vocab].to(acc), dz[:, v0 : v0 + chunk_vocab]
@@ -251,7 +257,7 @@ def _run_chunk(plan, hidden_NH, weight, bias, targets_N, p: FusedParams, grads):
     h, y = hidden_NH[plan.rows], targets_N[plan.rows]
     valid = y != p.head.ignore_index
     scale = 1.0 / p.head.temperature
-    z = _chunk_logits(h, weight, bias, scale, p.head.chunk_vocab)
+    z = _chunk_logits(h, weight, bias, scale, p.head.softcap, p.head.chunk_vocab)
     lse, logp, mean_logits, log_sum_sq = _chunk_token_stats(z, y, valid)
     w_N = None if p.weights_N is None else p.weights_N[plan.rows]
     seq = S.reduce_tokens(plan.token_local, plan.responses.numel(), logp, valid, w_N, mean_logits, log_sum_sq)
@@ -260,7 +266,7 @@ def _run_chunk(plan, hidden_NH, weight, bias, targets_N, p: FusedParams, grads):
     if dH is not None or dW is not None or db is not None:
         g_w = g_S[plan.token_local] * (1.0 if w_N is None else w_N)
         g_N = g_w + g_nll[plan.token_local]
-        dH_c = _chunk_head_grads(z, lse, y, valid, g_N, h, weight, scale, p.head.chunk_vocab, dW, db)
+        dH_c = _chunk_head_grads(z, lse, y, valid, g_N, h, weight, scale, p.head.softcap, p.head.chunk_vocab, dW, db)
         if dH is not None:
             dH.index_copy_(0, plan.rows, dH_c)
     return total, seq
@@ -331,7 +337,7 @@ def fused_linear_preference_loss(
     ref_hidden=None, ref_weight=None, ref_bias=None, ref_logps=None, ref_weights=None,
     token_weights=None, ld_alpha=None, average_log_prob=False, use_weighting=False, loss_weights=None,
     pair_beta=None, pair_margin=None, pair_weight=None, labels=None, kl=None, nll_targets=None,
-    ignore_index=-100, temperature=1.0, path="auto", impl="auto", chunk_tokens=1024, chunk_vocab=8192,
+    ignore_index=-100, temperature=1.0, softcap=None, path="auto", impl="auto", chunk_tokens=1024, chunk_vocab=8192,
     allow_empty_completions=False, **hparams,
 ) -> FusedLossOutput:
     """Preference loss straight from the LM head: `[N, H]` (or `[2B, T, H]`) hidden states, `[V, H]` weight,
@@ -347,6 +353,7 @@ def fused_linear_preference_loss(
                      in the LD-DPO positional weights (policy and computed reference alike).
     pair_*           per-group beta, margin (ODPO offset), weight `[G]`; `labels` `[G]` bool and `kl` (z0) for KTO.
     nll_targets      separate targets for NLL terms (Liger ORPO `nll_target`); generic path only.
+    softcap          final-logit soft cap c (logits c tanh(a / c), Gemma 2), for policy and computed reference.
     path             "auto" (pair-fused when every loss is pair-local and a gradient is needed), "generic",
                      "pair_fused". `impl` picks the head op of the generic path and of the reference pass.
 
@@ -357,7 +364,7 @@ def fused_linear_preference_loss(
     names = loss_names(loss_type)
     config = S.PreferenceConfig(names, None if loss_weights is None else tuple(loss_weights), use_weighting,
                                 average_log_prob, dict(hparams))
-    head = HeadOptions(ignore_index, temperature, impl, chunk_tokens, chunk_vocab)
+    head = HeadOptions(ignore_index, temperature, impl, chunk_tokens, chunk_vocab, softcap)
     if layout is None:
         layout = _default_layout(targets, labels is not None)
     layout = _check_layout(layout, hidden_NH.shape[0], hidden.device)

@@ -31,11 +31,11 @@ def fused_linear_preference_loss_ref(
     ref_hidden=None, ref_weight=None, ref_bias=None, ref_logps=None, ref_weights=None,
     token_weights=None, ld_alpha=None, average_log_prob=False, use_weighting=False, loss_weights=None,
     pair_beta=None, pair_margin=None, pair_weight=None, labels=None, kl=None, nll_targets=None,
-    ignore_index=-100, temperature=1.0, upcast=True, allow_empty_completions=True, **hparams,
+    ignore_index=-100, temperature=1.0, softcap=None, upcast=True, allow_empty_completions=True, **hparams,
 ) -> FusedLossOutput:
     """Materialized-logits version of `fused_linear_preference_loss`; differentiable by plain autograd.
     Empty completions are not checked here (`allow_empty_completions` is accepted for call parity)."""
-    head = dict(ignore_index=ignore_index, temperature=temperature, upcast=upcast)
+    head = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, upcast=upcast)
     layout = _layout(targets, layout, labels is not None)
     targets_N = targets.reshape(-1)
     valid_N = targets_N != ignore_index
