@@ -151,6 +151,15 @@ def _logits_and_cap_grad(hidden_nH, weight_vH, bias_v, scale, softcap):
     return t.mul_(softcap * scale), cap_grad
 
 
+def addmm_fp32_(acc_VH, a_VC, b_CH):
+    """acc += a @ b into an fp32 `acc`, with fp32 accumulation and no low-precision rounding of the product
+    (cuBLAS `out_dtype=float32` for 16-bit CUDA operands)."""
+    if a_VC.is_cuda and a_VC.dtype != torch.float32:
+        torch.addmm(acc_VH, a_VC, b_CH, out_dtype=torch.float32, out=acc_VH)
+    else:
+        acc_VH.addmm_(a_VC.float(), b_CH.float())
+
+
 def _acc_dtype(x):
     """Accumulation dtype: fp32, or float64 for float64 inputs (exact checks at tiny shapes)."""
     return torch.promote_types(x.dtype, torch.float32)

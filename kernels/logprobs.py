@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastpo.ops import HeadParams, Partials, TokenStats, combine_partials, pack_extras, unpack_extras
+from fastpo.ops import HeadParams, Partials, TokenStats, addmm_fp32_, combine_partials, pack_extras, unpack_extras
 
 # Fused-multiply-add contraction changes bitwise results; pin it instead of inheriting a default that
 # changes across Triton versions.
@@ -405,14 +405,6 @@ def logprobs_fwd(hidden_NH, weight_VH, bias_V, targets_N, params: HeadParams, nu
     return stats, lse, order, count
 
 
-def _addmm_fp32_(acc_VH, a_VC, b_CH):
-    """acc += a @ b with fp32 accumulation and no low-precision rounding of the product."""
-    if a_VC.is_cuda and a_VC.dtype != torch.float32:
-        torch.addmm(acc_VH, a_VC, b_CH, out_dtype=torch.float32, out=acc_VH)
-    else:
-        acc_VH.addmm_(a_VC.float(), b_CH.float())
-
-
 def logprobs_bwd(grad_N, hidden_NH, weight_VH, bias_V, targets_N, lse_N, order, count, params, needs):
     """Backward launcher: (dH, dW, db) for an upstream gradient `grad_N` (None where not needed)."""
     N, H = hidden_NH.shape
@@ -471,7 +463,7 @@ def logprobs_bwd(grad_N, hidden_NH, weight_VH, bias_V, targets_N, lse_N, order, 
         if dh is not None:
             dh.index_copy_(0, src, dz @ weight_VH)
         if dW is not None:
-            _addmm_fp32_(dW, dz.T, hidden_NH.index_select(0, src))
+            addmm_fp32_(dW, dz.T, hidden_NH.index_select(0, src))
         if db is not None:
             db += dz.sum(0, dtype=torch.float32)
     return dh, dW, db

@@ -191,9 +191,11 @@ def test_fused_matches_reference(case_name, path, dtype):
         assert (grads["dH"][1] == 0).all()
 
 
-# the generic path runs the policy head on Triton; the pair-fused path (PyTorch head) its reference pass
+# generic: the policy head and the reference pass on the Triton head op; pair-fused: the row statistics
+# (lse, logp, mean logit, log sum p^2 for WPO) and dz on the Triton row kernels, the reference pass on the op
 TRITON_PARAMS = [("dpo", "generic"), ("dpo", "pair_fused"), ("orpo", "generic"), ("kto", "generic"),
-                 ("aot", "generic")]
+                 ("aot", "generic"), ("token_weighted_ld_wpo", "pair_fused"), ("dpo_softcap", "pair_fused"),
+                 ("dpo_softcap", "generic"), ("confident", "pair_fused")]
 
 
 def _triton_params():

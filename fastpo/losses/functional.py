@@ -12,6 +12,9 @@ Two paths over the same objective code (`objectives.py`) and the same reductions
   the objective and its gradient g = dL/dS for the chunk (autograd on a few scalars), then from the SAME
   logits dz = g (onehot(y) - softmax(z)) / temperature, dH = dz W and dW += dz^T h (2 + 2 n_c H V). 6NHV,
   at the price of an n_c x V fp32 buffer. Backward only scales the stored gradients by grad_output.
+  With impl "triton" (CUDA) the row statistics and dz are one Triton pass each over the chunk
+  (`fastpo.kernels.logit_rows`), dz is written in the inputs' dtype and dH, dW are cuBLAS GEMMs with fp32
+  accumulation; with "torch" they are PyTorch ops in fp32 (the CPU path).
 
 The reference model is forward-only (`token_stats` without gradient, 2NHV) or precomputed (`ref_logps`).
 """
@@ -25,7 +28,7 @@ import torch
 from fastpo.losses import stats as S
 from fastpo.losses.objectives import is_pair_local, loss_names
 from fastpo.losses.types import FusedLossOutput, ResponseLayout, SequenceStats
-from fastpo.ops import _logits_f32, token_logprobs, token_stats
+from fastpo.ops import _logits_f32, _resolve_impl, addmm_fp32_, token_logprobs, token_stats
 
 PATHS = ("auto", "generic", "pair_fused")
 
@@ -199,8 +202,11 @@ class FusedParams:
 
 
 def _chunk_logits(h, weight, bias, scale, softcap, chunk_vocab):
-    """[n_c, V] fp32 logits of a chunk (soft-capped when `softcap` is set), built tile by tile over the vocabulary."""
+    """[n_c, V] fp32 logits of a chunk (soft-capped when `softcap` is set): one GEMM with an fp32 output on CUDA;
+    on CPU tile by tile over the vocabulary, bounding the fp32 copies of W."""
     V = weight.shape[0]
+    if h.is_cuda:
+        return _logits_f32(h, weight, bias, scale, softcap)
     tiles = [_logits_f32(h, weight[v0 : v0 + chunk_vocab], None if bias is None else bias[v0 : v0 + chunk_vocab],
                          scale, softcap) for v0 in range(0, V, chunk_vocab)]
     return torch.cat(tiles, 1) if len(tiles) > 1 else tiles[0]
@@ -252,13 +258,35 @@ def _chunk_head_grads(z, lse, y, valid, g_N, h, weight, scale, softcap, chunk_vo
     return dH
 
 
+def _chunk_head_grads_triton(z, lse, y, g_N, h, weight, head: HeadOptions, dW, db):
+    """`_chunk_head_grads` with dz from one Triton pass, in the inputs' dtype, and cuBLAS GEMMs."""
+    from fastpo.kernels.logit_rows import logit_rows_bwd
+
+    dz = logit_rows_bwd(z, lse, y, g_N, ignore_index=head.ignore_index, scale=1.0 / head.temperature,
+                        softcap=head.softcap, out_dtype=h.dtype)
+    if dW is not None:
+        addmm_fp32_(dW, dz.T, h)
+    if db is not None:
+        db += dz.sum(0, dtype=torch.float32)
+    return dz @ weight
+
+
+def _chunk_stats(z, y, valid, head: HeadOptions, triton_rows: bool):
+    if not triton_rows:
+        return _chunk_token_stats(z, y, valid)
+    from fastpo.kernels.logit_rows import logit_rows_fwd
+
+    return logit_rows_fwd(z, y, head.ignore_index)
+
+
 def _run_chunk(plan, hidden_NH, weight, bias, targets_N, p: FusedParams, grads):
     """Forward, objective and head gradients of one chunk; returns (loss part, SequenceStats of its responses)."""
     h, y = hidden_NH[plan.rows], targets_N[plan.rows]
     valid = y != p.head.ignore_index
     scale = 1.0 / p.head.temperature
+    triton_rows = _resolve_impl(p.head.impl, h.device) == "triton"
     z = _chunk_logits(h, weight, bias, scale, p.head.softcap, p.head.chunk_vocab)
-    lse, logp, mean_logits, log_sum_sq = _chunk_token_stats(z, y, valid)
+    lse, logp, mean_logits, log_sum_sq = _chunk_stats(z, y, valid, p.head, triton_rows)
     w_N = None if p.weights_N is None else p.weights_N[plan.rows]
     seq = S.reduce_tokens(plan.token_local, plan.responses.numel(), logp, valid, w_N, mean_logits, log_sum_sq)
     total, g_S, g_nll = _chunk_objective(seq, plan, p)
@@ -266,9 +294,13 @@ def _run_chunk(plan, hidden_NH, weight, bias, targets_N, p: FusedParams, grads):
     if dH is not None or dW is not None or db is not None:
         g_w = g_S[plan.token_local] * (1.0 if w_N is None else w_N)
         g_N = g_w + g_nll[plan.token_local]
-        dH_c = _chunk_head_grads(z, lse, y, valid, g_N, h, weight, scale, p.head.softcap, p.head.chunk_vocab, dW, db)
+        if triton_rows:
+            dH_c = _chunk_head_grads_triton(z, lse, y, g_N, h, weight, p.head, dW, db)
+        else:
+            dH_c = _chunk_head_grads(z, lse, y, valid, g_N, h, weight, scale, p.head.softcap, p.head.chunk_vocab,
+                                     dW, db)
         if dH is not None:
-            dH.index_copy_(0, plan.rows, dH_c)
+            dH.index_copy_(0, plan.rows, dH_c.to(dH.dtype))
     return total, seq
 
 
