@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 ATTN_IMPLEMENTATION = "fastpo_prefix"
 LAYOUT_KWARG = "fastpo_layout"
 BACKEND_KWARG = "fastpo_backend"
+MASK_TOKEN = "hf_mask_token"
 BACKENDS = ("auto", "flash_varlen", "flex", "sdpa", "torch_varlen", "varlen_emulated")
 
 
@@ -290,7 +291,7 @@ def prefix_attention(
             f"batch), or pass {LAYOUT_KWARG}=batch.layout to the model; for ordinary inputs switch back "
             "with model.set_attn_implementation('sdpa')"
         )
-    if attention_mask is not None:
+    if attention_mask is not None and attention_mask is not layout.cache.get(MASK_TOKEN):
         raise ValueError(
             f"{ATTN_IMPLEMENTATION!r} builds its mask from {LAYOUT_KWARG}; pass attention_mask=None "
             "(padding is part of the packed layout)"
@@ -309,14 +310,26 @@ def prefix_mask_builder(*args, attention_mask=None, **kwargs):
 
     NOTE: before calling a registered builder, transformers 5.x runs its packed-sequence detection on
     `position_ids` (`masking_utils.find_packed_sequence_indices`), which waits on the device once per
-    mask type and forward. An unregistered key would skip it, but would also drop a user's padding mask
-    without a word; the error is worth the sync."""
+    mask type and forward. `score` avoids it with `layout_mask_token`; a user calling the model directly
+    with only the layout gets the builder, the sync, and this check of the padding mask."""
     if attention_mask is not None:
         raise ValueError(
             f"{ATTN_IMPLEMENTATION!r} takes no attention_mask: padding and sequence boundaries come from "
             f"the packed layout ({LAYOUT_KWARG})"
         )
     return None
+
+
+def layout_mask_token(layout: AttentionLayout) -> torch.Tensor:
+    """An empty `[B, 1, 0, 0]` tensor that stands for the layout's mask, passed as `attention_mask`.
+
+    transformers returns a 4-D `attention_mask` unchanged, skipping its mask preprocessing and with it the
+    packed-sequence detection that synchronizes with the device; `prefix_attention` accepts this tensor
+    (by identity: it is cached on the layout) and builds the real mask from the layout."""
+    if MASK_TOKEN not in layout.cache:
+        layout.cache[MASK_TOKEN] = torch.empty((layout.doc.shape[0], 1, 0, 0), dtype=torch.bool,
+                                               device=layout.doc.device)
+    return layout.cache[MASK_TOKEN]
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention)
@@ -382,7 +395,8 @@ def score(
     batch    `fastpo.packing.PackedBatch` on the model's device (`batch.to(device)`).
     backend  attention backend (module docstring); impl: `fastpo.ops.token_stats` implementation.
 
-    Calls the decoder with `use_cache=False` and explicit `position_ids`. The head sees exactly the M
+    Calls the decoder with `use_cache=False`, explicit `position_ids` and `layout_mask_token` (no device
+    synchronization in transformers' mask preparation). The head sees exactly the M
     completion rows (`hidden[src_index]`, so the last prompt row is used once per response and its
     gradient is the sum over them); per-response sums are fp32 `index_add_`. Same path for the policy
     (with gradient) and the reference model (under `torch.no_grad()`).
@@ -398,6 +412,7 @@ def score(
     out = model.get_decoder()(
         input_ids=batch.input_ids,
         position_ids=batch.position_ids,
+        attention_mask=layout_mask_token(batch.layout),
         use_cache=False,
         **{LAYOUT_KWARG: batch.layout, BACKEND_KWARG: backend},
     )

@@ -313,6 +313,36 @@ def test_model_without_layout_or_with_padding_mask_raises():
         model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, fastpo_layout=batch.layout)
 
 
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_score_skips_transformers_packed_sequence_detection(arch, monkeypatch):
+    """transformers' packed-sequence detection on position_ids waits on the device; `score` passes the
+    layout's mask token so that it never runs (called directly with only the layout, the model does run
+    it: the patch is live)."""
+    import transformers.masking_utils as masking_utils
+
+    def no_sync(position_ids):
+        raise AssertionError("find_packed_sequence_indices ran: a host sync per forward")
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", no_sync)
+    model = make_model(arch)
+    batch = pack_examples(make_examples(SPEC[:2]), max_tokens=MAX_TOKENS)
+    s = score(model, batch)
+    assert torch.isfinite(s.logp_sum).all()
+    with pytest.raises(AssertionError, match="host sync"):
+        model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+              fastpo_layout=batch.layout)
+
+
+def test_only_the_layouts_own_mask_token_is_accepted():
+    model = make_model("llama")
+    batch = pack_examples(make_examples(SPEC[:2]), max_tokens=MAX_TOKENS)
+    enable_prefix_sharing(model)
+    impostor = torch.empty_like(attention.layout_mask_token(batch.layout))
+    with pytest.raises(ValueError, match="takes no attention_mask|builds its mask"):
+        model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=impostor,
+              use_cache=False, fastpo_layout=batch.layout)
+
+
 def test_resolve_backend():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_backend("auto", cpu, torch.float32) == "sdpa"
