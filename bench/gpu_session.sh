@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks of fastpo in one command: parity tests on CUDA, then the benchmark suite with results
-# saved to bench/results/ (JSON + Markdown + PNG, with device, versions, date and command).
+# The GPU checks of fastpo in one command: parity tests on CUDA, the benchmark suite with results saved to
+# bench/results/ (JSON + Markdown + PNG, with device, versions, date and command), and a per-kernel profile.
 #
 #   bash bench/gpu_session.sh fetch     on a machine with PyPI: wheels of what a bare GPU image lacks -> .whl/
 #   bash bench/gpu_session.sh run [OUT] on the GPU machine (offline): install .whl/, test, benchmark; copies
@@ -39,6 +39,10 @@ run() {
   python3 -m pytest -q -x tests/ 2>&1 | tee "$out/gpu-tests.log"
   # 2. benchmarks, every provider that installs, results written by --save-results
   python3 -m pytest -q bench/ --save-results 2>&1 | tee "$out/gpu-bench.log"
+  # 3. where the time goes: per-kernel GPU time of each head path against the bare GEMMs
+  for path in generic pair_fused reference; do
+    python3 -m bench.profile_head --path "$path" --out "$out/gpu-profile.txt" 2>&1 | tail -20
+  done
   cp bench/results/*.json bench/results/*.md bench/results/*.png "$out"/ 2>/dev/null || true
 }
 
