@@ -37,7 +37,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTN_BACKENDS = ("auto", "flash_varlen", "flex", "sdpa", "torch_varlen", "varlen_emulated")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 DATA_FORMATS = ("auto", "preference", "chat", "hh", "ranked", "kto")
-# Used only when the loss registry does not say which objectives need a reference model.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -199,16 +198,17 @@ class LossConfig:
     dpo_shift_lambda: float | None = None
     """DPO-Shift lambda in (0, 1] (the `shift_lambda` of the dpo_shift loss)."""
     desirable_weight: float | None = None
-    """KTO weight of desirable examples."""
+    """KTO weight lambda_D of desirable examples (TRL's desirable_weight; default 1.0)."""
     undesirable_weight: float | None = None
-    """KTO weight of undesirable examples."""
+    """KTO weight lambda_U of undesirable examples (TRL's undesirable_weight; default 1.0)."""
     compute_nll_loss: bool | None = None
     """ORPO: add the NLL term on the chosen response."""
     ld_alpha: float | None = None
-    """LD-DPO length desensitization alpha: log-probs of tokens past the shorter response's length are
-    scaled by alpha (None: off)."""
+    """LD-DPO length desensitization alpha: in the policy and reference sums S, log-probs of tokens past
+    the shorter response of the group are scaled by alpha (NLL terms keep plain sums; None: off)."""
     use_weighting: bool = False
-    """WPO weighting of each pair by the policy's own probability of its responses."""
+    """WPO: weight each pair's loss by prod_k exp(mean_t (logp_t - log sum_v p_v^2)) of its responses
+    under the policy (detached)."""
 
     def __post_init__(self):
         _check(bool(self.name), "loss.name", "a loss registry name", self.name)
@@ -233,6 +233,17 @@ class LossConfig:
         """True when no selected objective uses reference log-probs."""
         return not any(needs_reference(n) for n in self.losses())
 
+    @property
+    def unpaired(self) -> bool:
+        """True when the objectives take unpaired examples: one response with a desirable/undesirable
+        label each (KTO; `--data.format kto`)."""
+        return any(objective_trait(n, "unpaired") for n in self.losses())
+
+    @property
+    def uses_reference_point(self) -> bool:
+        """True when an objective reads KTO's reference point z0 (scored on mismatched pairs)."""
+        return any(objective_trait(n, "uses_reference_point") for n in self.losses())
+
     def hparams(self) -> dict:
         """Keyword arguments for `fastpo.losses.preference_loss`: beta, loss_weights, use_weighting and
         every hyperparameter set (not None), under the objectives' own names."""
@@ -255,7 +266,8 @@ class RefConfig:
     name: str | None = None
     """Hub id or local path of the reference model; None: a frozen copy of the initial policy."""
     precompute: bool = False
-    """Compute reference log-probs once over the dataset before training and cache them on disk."""
+    """Compute reference log-probs once over the dataset before training and cache them on disk (KTO's
+    mismatched pairs, which depend on the batch, are still scored by the reference at every step)."""
     cache_dir: str = "outputs/ref_cache"
     """Directory of the precomputed reference log-probs."""
 
@@ -399,6 +411,13 @@ def needs_reference(loss_name: str) -> bool:
     return LOSSES[loss_name].needs_reference
 
 
+def objective_trait(loss_name: str, trait: str) -> bool:
+    """A trait of a registered objective (`fastpo.losses.Objective`: unpaired, uses_reference_point, ...)."""
+    from fastpo.losses import LOSSES
+
+    return bool(getattr(LOSSES[loss_name], trait))
+
+
 def validate(cfg: TrainConfig) -> None:
     """Cross-field checks, run before any model or data is built; raises ValueError."""
     from fastpo.losses import LOSSES
@@ -414,11 +433,11 @@ def validate(cfg: TrainConfig) -> None:
                          "and never uses a reference model; drop --ref.name or pick a reference-based loss")
     if cfg.loss.reference_free and cfg.ref.precompute:
         raise ValueError(f"--ref.precompute is set, but loss {cfg.loss.losses()} is reference-free")
-    unpaired = {"kto", "apo_zero_unpaired"}
-    if cfg.data.format == "kto" and not set(cfg.loss.losses()) <= unpaired:
-        raise ValueError(f"--data.format=kto gives unpaired rows; --loss.name must be one of {sorted(unpaired)}, "
-                         f"got {cfg.loss.losses()}")
     _check_trainer_support(cfg)
+    _check_weighting(cfg)
+    _check_unpaired(cfg)
+    if cfg.data.format != "auto":
+        check_data_format(cfg, cfg.data.format)
     d = cfg.data
     if d.max_length is not None and d.max_length > d.max_tokens:
         raise ValueError(f"--data.max_length={d.max_length} exceeds --data.max_tokens={d.max_tokens}: "
@@ -430,18 +449,62 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def _check_trainer_support(cfg: TrainConfig) -> None:
-    """Options the loss library has but `python -m fastpo.train` does not drive yet: refused up front
-    rather than ignored (use `fastpo.losses` directly for them)."""
-    unpaired = {"kto", "apo_zero_unpaired"} & set(cfg.loss.losses())
-    if unpaired or cfg.data.format == "kto":
-        raise ValueError(f"the trainer does not run unpaired (KTO) objectives yet ({sorted(unpaired) or 'kto data'}): "
-                         "their labels and KL reference point are not wired; use fastpo.losses.kto_loss")
+    """Objectives the loss library has but `python -m fastpo.train` cannot feed: refused up front rather
+    than failing at the first step (use `fastpo.losses` directly for them)."""
+    multi = [n for n in cfg.loss.losses() if objective_trait(n, "multi_reference")]
+    if multi:
+        raise ValueError(f"--loss.name {multi}: needs the log-probs of several reference models ([M, G, K]); "
+                         "the trainer scores one reference (--ref.name); use "
+                         "fastpo.losses.fused_linear_preference_loss(..., ref_logps=<[M, R] sums>)")
+
+
+def _check_weighting(cfg: TrainConfig) -> None:
+    coupled = [n for n in cfg.loss.losses() if not objective_trait(n, "pair_local")]
+    if cfg.loss.use_weighting and coupled:
+        raise ValueError(f"--loss.use_weighting (WPO) cannot be combined with the batch-coupled AOT losses {coupled}")
+
+
+def _unpaired_names() -> list[str]:
+    from fastpo.losses import LOSSES
+
+    return sorted(n for n in LOSSES if objective_trait(n, "unpaired"))
+
+
+def _check_unpaired(cfg: TrainConfig) -> None:
+    """Unpaired objectives: not mixed with paired ones, no pair-only modifiers, >= 2 examples for z0."""
+    names = cfg.loss.losses()
+    unpaired = [n for n in names if objective_trait(n, "unpaired")]
+    if not unpaired:
+        return
+    if len(unpaired) < len(names):
+        raise ValueError(f"--loss.loss_type {names}: the unpaired objectives {unpaired} (one labelled response "
+                         "per example) cannot be combined with paired or listwise ones")
     if cfg.loss.ld_alpha is not None:
-        raise ValueError("--loss.ld_alpha: the trainer does not apply LD-DPO token weights yet; "
-                         "use fastpo.losses.fused_linear_preference_loss(..., ld_alpha=...)")
+        raise ValueError(f"--loss.ld_alpha: LD-DPO down-weights the tokens past the shorter response of a pair; "
+                         f"the unpaired objectives {unpaired} have one response per example")
     if cfg.loss.use_weighting:
-        raise ValueError("--loss.use_weighting: the trainer does not feed WPO weights yet; "
-                         "use fastpo.losses.fused_linear_preference_loss(..., use_weighting=True)")
+        raise ValueError(f"--loss.use_weighting: WPO weights pairs of responses; the unpaired objectives "
+                         f"{unpaired} have one response per example")
+    per_micro = cfg.data.batch_size // cfg.optim.grad_accum_steps
+    if cfg.loss.uses_reference_point and per_micro < 2:
+        raise ValueError(f"--data.batch_size / --optim.grad_accum_steps = {per_micro} example(s) per micro-batch: "
+                         f"the KTO reference point z0 of {unpaired} pairs each prompt with another example's "
+                         "completion of the same micro-batch, so it needs at least 2")
+
+
+def check_data_format(cfg: TrainConfig, fmt: str) -> None:
+    """Unpaired objectives need unpaired rows (format "kto") and the other objectives paired or ranked
+    rows. `fmt` is --data.format, or the format detected from the data (checked again after loading)."""
+    if (fmt == "kto") == cfg.loss.unpaired:
+        return
+    where = f"--data.format={fmt}" if cfg.data.format != "auto" else \
+        f"--data.dataset={cfg.data.dataset!r} (detected format {fmt!r})"
+    if fmt == "kto":
+        raise ValueError(f"{where} gives unpaired rows (prompt, completion, label); --loss.name must be one of "
+                         f"the unpaired objectives {_unpaired_names()}, got {cfg.loss.losses()}")
+    raise ValueError(f"--loss.name {cfg.loss.losses()} is unpaired (one response with a desirable/undesirable "
+                     f"label per example) and needs --data.format kto rows (prompt, completion, label); {where} "
+                     "gives paired or ranked examples")
 
 
 def _check_hparams_used(loss: LossConfig) -> None:

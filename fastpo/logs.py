@@ -31,7 +31,8 @@ class RunLog:
             self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict):
-        if not self.enabled:
+        """One record per call; an empty `metrics` (an evaluation without eval examples) writes nothing."""
+        if not self.enabled or not metrics:
             return
         record = {"step": step, **metrics}
         self.records.append(record)
@@ -43,7 +44,7 @@ class RunLog:
                 self.tb.add_scalar(k, v, step)
         if self.bar is not None and "loss" in metrics:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", **progress_fields(metrics))
 
     def message(self, text: str):
         if not self.enabled:
@@ -66,6 +67,15 @@ class RunLog:
             plot(history or self.records, os.path.join(self.cfg.out_dir, "plots"))
 
 
+def progress_fields(metrics: dict) -> dict:
+    """Progress-bar fields besides the loss: preference accuracy for pairs, else the reward margin (KTO
+    steps may lack it when they hold one label only)."""
+    for name, key in (("acc", "rewards/accuracies"), ("margin", "rewards/margins")):
+        if key in metrics:
+            return {name: f"{metrics[key]:.2f}"}
+    return {}
+
+
 def plot(records: list, out_dir: str):
     """One PNG per PLOTTED pair (train curve and eval points) against the step."""
     import matplotlib
@@ -75,9 +85,11 @@ def plot(records: list, out_dir: str):
 
     os.makedirs(out_dir, exist_ok=True)
     for train_key, eval_key in PLOTTED:
+        curves = {key: [(r["step"], r[key]) for r in records if key in r] for key in (train_key, eval_key)}
+        if not any(curves.values()):
+            continue  # e.g. no preference accuracy for unpaired (KTO) runs
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        for key, style in ((train_key, "-"), (eval_key, "o--")):
-            pts = [(r["step"], r[key]) for r in records if key in r]
+        for (key, pts), style in zip(curves.items(), ("-", "o--")):
             if pts:
                 ax.plot(*zip(*pts), style, label=key)
         ax.set_xlabel("step")

@@ -16,11 +16,16 @@ from fastpo.logs import RunLog
 from fastpo.trainer import build, resolve_resume, run
 
 
+SUMMARY = (("preference accuracy", "eval/rewards/accuracies"), ("reward margin", "eval/rewards/margins"),
+           ("kl (z0)", "eval/kl"), ("loss", "eval/loss"))
+
+
 def summary(before: dict, after: dict) -> str:
-    rows = [("preference accuracy", "eval/rewards/accuracies"), ("reward margin", "eval/rewards/margins"),
-            ("loss", "eval/loss")]
-    lines = [f"held-out {name:<20} before {before[key]:8.4f}   after {after[key]:8.4f}" for name, key in rows]
-    return "\n".join(lines)
+    """Held-out metrics before and after training: those the run has (pairs: accuracy, margin, loss;
+    unpaired KTO: margin, z0, loss)."""
+    lines = [f"held-out {name:<20} before {before[key]:8.4f}   after {after[key]:8.4f}"
+             for name, key in SUMMARY if key in before and key in after]
+    return "\n".join(lines) or "no held-out examples (see --data.eval_dataset / --data.eval_fraction)"
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -2,18 +2,27 @@
 checkpoint, export.
 
 One step consumes one global batch of `data.batch_size` examples, split into `optim.grad_accum_steps`
-micro-batches and, within each, across data-parallel ranks (rank r takes examples r, r + W, ...). Each
-rank packs its share with prefix sharing and scores it through `Scorer` (decoder body + fused head in
-one module, so FSDP gathers the LM head inside the forward). The loss of a step is the mean over the
-global batch's examples of the per-example objective: every micro-batch contributes
-`sum(losses) / global_examples`, FSDP's division by the world size is off, so gradients are those of one
-process on the whole batch. Metrics are TRL's (`rewards/chosen`, `rewards/accuracies`, ...), summed on
-device and reduced once per step.
+micro-batches and, within each, across data-parallel ranks (rank r takes examples r, r + W, ...; a rank
+whose share is empty scores one masked copy, so every rank runs the same forwards). Each rank packs its
+share with prefix sharing and scores it through `Scorer` (decoder body + fused head in one module, so
+FSDP gathers the LM head inside the forward). The loss of a step is the mean over the global batch's
+examples of the per-example objective: every micro-batch contributes `sum(losses) / global_examples`,
+FSDP's division by the world size is off, so gradients are those of one process on the whole batch.
+Evaluation walks the eval set in the same global micro-batches. Metrics are TRL's (`rewards/chosen`,
+`rewards/accuracies`, ... for pairs; KTO's for unpaired data), summed on device and reduced once per step.
+
+Per-response sums come from the per-token log-probs through `fastpo.losses.stats.reduce_tokens`: S with
+LD-DPO's positional weights when `--loss.ld_alpha` is set (policy and reference alike; NLL terms keep the
+plain sums), and the WPO log-weights `mean_t (logp_t - log sum_v p_v^2)`. Unpaired objectives get the
+labels and, for KTO, the reference point z0 = max(0, mean (S - S_ref)) over mismatched pairs: prompt i
+with the completion of example i - 1 of the same global micro-batch (cyclically; TRL's rotation by one),
+scored without gradient by policy and reference and summed over ranks on device.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,7 +30,6 @@ import math
 import os
 import random
 from dataclasses import asdict, dataclass, field
-
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
@@ -33,15 +41,18 @@ from torch.distributed.checkpoint.state_dict import (
 
 from fastpo import parallel
 from fastpo.attention import enable_prefix_sharing, score
-from fastpo.losses import PreferenceInputs, preference_loss
+from fastpo.batch_stats import (
+    PAIRED_METRICS,
+    UNPAIRED_METRICS,
+    add_sums,
+    finish_metrics,
+    loss_inputs,
+    response_stats,
+)
+from fastpo.losses import preference_loss
 from fastpo.packing import PackedBatch, pack_examples
 
 logger = logging.getLogger(__name__)
-
-METRIC_KEYS = (
-    "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-    "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
-)  # fmt: skip
 
 
 class Scorer(torch.nn.Module):
@@ -53,8 +64,10 @@ class Scorer(torch.nn.Module):
         self.backend, self.impl, self.extras = backend, impl, extras
         enable_prefix_sharing(model)
 
-    def forward(self, batch: PackedBatch):
-        return score(self.model, batch, backend=self.backend, impl=self.impl, extras=self.extras)
+    def forward(self, batch: PackedBatch, extras: bool | None = None):
+        """`extras` overrides the per-token extras (entropy, log sum p^2, mean logit) for this call."""
+        extras = self.extras if extras is None else extras
+        return score(self.model, batch, backend=self.backend, impl=self.impl, extras=extras)
 
 
 @dataclass
@@ -102,66 +115,54 @@ def global_batch(examples, step: int, batch_size: int, seed: int) -> list:
     return [examples[j] for j in order[i * batch_size : (i + 1) * batch_size]]
 
 
-def micro_batches(batch: list, accum: int, world: parallel.World) -> list[list]:
-    """This rank's share of each of the `accum` micro-batches of a global batch."""
+def micro_batches(batch: list, accum: int) -> list[list]:
+    """The `accum` global micro-batches of a global batch (each is then sharded across ranks)."""
     size = len(batch) // accum
-    micro = [batch[i * size : (i + 1) * size] for i in range(accum)]
-    return [m[world.rank :: world.size] for m in micro]
+    return [batch[i * size : (i + 1) * size] for i in range(accum)]
 
 
-def pack(examples, cfg, min_responses=2) -> PackedBatch:
+def eval_chunks(examples: list, size: int) -> list[list]:
+    """Global eval micro-batches of `size` examples (the last one shorter): the same for every world
+    size, so every rank runs one forward per chunk and the metrics do not depend on the world size."""
+    return [examples[i : i + size] for i in range(0, len(examples), size)]
+
+
+def shard(items: list, world: parallel.World) -> tuple[list, list[float]]:
+    """Rank r's items r, r + W, ... of a global micro-batch and their mask (1.0 each). An empty share
+    becomes one copy of items[0] with mask 0.0: under FSDP every rank must run every forward (each
+    all-gathers the weights), and the copy's loss and metrics are multiplied by its mask."""
+    mine = items[world.rank :: world.size]
+    return (mine, [1.0] * len(mine)) if mine else (items[:1], [0.0])
+
+
+def mismatched_pairs(examples: list, data_cfg) -> list:
+    """KTO's KL pairs: prompt i with the completion of example i - 1 (cyclically; TRL rotates the
+    completions of a batch by one), truncated by the --data rules like any example."""
+    from fastpo.data import truncate
+
+    pairs = []
+    for i, ex in enumerate(examples):
+        prompt_ids, response_ids, _ = truncate(ex.prompt_ids, examples[i - 1].response_ids, data_cfg)
+        pairs.append(dataclasses.replace(ex, prompt_ids=prompt_ids, response_ids=response_ids))
+    return pairs
+
+
+def pack(examples, cfg) -> PackedBatch:
     return pack_examples(
         [(ex.prompt_ids, ex.response_ids) for ex in examples],
         max_tokens=cfg.data.max_tokens,
         share_prompt=cfg.data.share_prefix,
         prompt_truncation=cfg.data.truncation_mode,
-        min_responses=min_responses,
+        min_responses=1 if cfg.loss.unpaired else 2,
         pad_token_id=cfg.data.pad_token_id,
     )
 
 
-# ----------------------------------------------------------------------------------------------------
-# loss and metrics
-# ----------------------------------------------------------------------------------------------------
-
-
-def group_view(x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-    """[R] -> [G, K] (responses are numbered example-major; every example has K responses)."""
-    return x.view(batch.num_examples, batch.num_responses // batch.num_examples)
-
-
-def loss_inputs(scores, ref_logps, batch: PackedBatch, nll_scale) -> PreferenceInputs:
-    return PreferenceInputs(
-        logps=group_view(scores.logp_sum, batch),
-        num_tokens=group_view(scores.num_tokens.float(), batch),
-        ref_logps=None if ref_logps is None else group_view(ref_logps, batch),
-        nll_scale=nll_scale,
-    )
-
-
-def metric_sums(out, inputs: PreferenceInputs, scores, batch: PackedBatch) -> torch.Tensor:
-    """Sums over this micro-batch of every METRIC_KEYS entry (loss excluded), plus the counts the means
-    divide by: [examples, chosen tokens, rejected tokens]. Kept on device."""
-    rewards = out.rewards.detach()
-    chosen, rejected = rewards[:, 0], rewards[:, 1]
-    logps = inputs.logps.detach()
-    tokens = group_view(scores.num_tokens.to(rewards.dtype), batch)
-    logits = torch.zeros(batch.num_responses, device=rewards.device).index_add_(
-        0, scores.token_response, scores.mean_logits.float()
-    )
-    logits = group_view(logits, batch)
-    sums = [chosen.sum(), rejected.sum(), (chosen > rejected).float().sum(), (chosen - rejected).sum(),
-            logps[:, 0].sum(), logps[:, 1].sum(), logits[:, 0].sum(), logits[:, 1].sum()]
-    counts = [torch.tensor(float(batch.num_examples), device=rewards.device), tokens[:, 0].sum(), tokens[:, 1].sum()]
-    return torch.stack(sums + counts)
-
-
-def finish_metrics(sums: torch.Tensor, loss_sum: torch.Tensor) -> dict:
-    """Reduce across ranks once and turn sums into TRL-named means (one host sync per step)."""
-    totals = parallel.all_reduce_sum(torch.cat([sums, loss_sum.reshape(1).to(sums.dtype)])).tolist()
-    *s, n, tok_c, tok_r, loss = totals
-    means = [x / max(n, 1) for x in s[:6]] + [s[6] / max(tok_c, 1), s[7] / max(tok_r, 1)]
-    return {"loss": loss, **dict(zip(METRIC_KEYS[1:], means))}
+def example_labels(examples, device) -> torch.Tensor | None:
+    """[G] bool desirability labels of unpaired examples; None for paired or ranked data."""
+    if examples[0].label is None:
+        return None
+    return torch.tensor([bool(ex.label) for ex in examples], device=device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -179,32 +180,39 @@ class Trainer:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_examples, self.eval_examples = data
         self.hparams = hparams
+        self.metric_set = UNPAIRED_METRICS if cfg.loss.unpaired else PAIRED_METRICS
         self.state = TrainState()
         self.ref_cache: dict[int, torch.Tensor] = {}
+
+    @property
+    def micro_size(self) -> int:
+        """Examples of one global micro-batch (summed over ranks)."""
+        return max(1, self.cfg.data.batch_size // self.cfg.optim.grad_accum_steps)
 
     # -- reference -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def reference_logps(self, examples, batch: PackedBatch) -> torch.Tensor | None:
-        """[R] reference log-prob sums of the batch: from the cache when precomputed, else a forward."""
+    def reference_logps(self, examples, batch: PackedBatch, *, cached: bool = False) -> torch.Tensor | None:
+        """[R] reference log-prob sums (LD-weighted like the policy's): from the cache when `cached` and
+        precomputed, else a forward."""
         if self.reference is None:
             return None
-        if self.ref_cache:
+        if cached and self.ref_cache:
             return torch.cat([self.ref_cache[ex.source_index] for ex in examples]).to(self.world.device)
-        return self.reference(batch).logp_sum
+        return response_stats(self.reference(batch), batch, self.cfg.loss.ld_alpha).logps
 
     @torch.no_grad()
     def precompute_reference(self, examples):
-        """Reference log-probs of every example, once, cached on disk keyed by model and data."""
+        """Reference log-probs of every example, once, cached on disk keyed by model, data and weights."""
         path = os.path.join(self.cfg.ref.cache_dir, f"ref-{self._cache_key(examples)}.pt")
         if os.path.exists(path):
             self.ref_cache = torch.load(path)
             return
-        bs = max(1, self.cfg.data.batch_size // self.cfg.optim.grad_accum_steps)
         cache = {}
-        for i in range(0, len(examples), bs):
-            chunk = examples[i : i + bs]
-            sums = self.reference(pack(chunk, self.cfg).to(self.world.device)).logp_sum.cpu()
+        for i in range(0, len(examples), self.micro_size):
+            chunk = examples[i : i + self.micro_size]
+            batch = pack(chunk, self.cfg).to(self.world.device)
+            sums = self.reference_logps(chunk, batch).cpu()
             k = len(chunk[0].response_ids)
             cache.update({ex.source_index: sums[j * k : (j + 1) * k] for j, ex in enumerate(chunk)})
         self.ref_cache = cache
@@ -214,59 +222,84 @@ class Trainer:
 
     def _cache_key(self, examples) -> str:
         h = hashlib.sha256(json.dumps([self.cfg.ref.name or self.cfg.model.name, self.cfg.seed,
-                                       asdict(self.cfg.data)], sort_keys=True, default=str).encode())
+                                       asdict(self.cfg.data), self.cfg.loss.ld_alpha],
+                                      sort_keys=True, default=str).encode())
         for ex in examples:
             h.update(json.dumps([ex.source_index, list(ex.prompt_ids), [list(r) for r in ex.response_ids]]).encode())
         return h.hexdigest()[:16]
 
+    @torch.no_grad()
+    def kl_terms(self, micro: list) -> torch.Tensor:
+        """[2]: this rank's sum of sg(S - S_ref) over its share of the micro-batch's mismatched pairs
+        (`mismatched_pairs`), and how many real pairs that share holds."""
+        pairs, mask = shard(mismatched_pairs(micro, self.cfg.data), self.world)
+        batch = pack(pairs, self.cfg).to(self.world.device)
+        mask = torch.tensor(mask, device=self.world.device)
+        rho = self.policy(batch, extras=False).logp_sum - self.reference(batch).logp_sum
+        return torch.stack([(rho * mask).sum(), mask.sum()])
+
+    def reference_point(self, micro: list) -> torch.Tensor:
+        """KTO's z0 of a global micro-batch: max(0, mean over its mismatched pairs of S - S_ref), the
+        sums all-reduced over ranks on device (so it is the one-process value); detached."""
+        terms = parallel.all_reduce_sum(self.kl_terms(micro))
+        return (terms[0] / terms[1].clamp(min=1.0)).clamp(min=0.0)
+
     # -- steps -----------------------------------------------------------------------------------
 
-    def objective(self, batch: PackedBatch, ref_logps, nll_scale):
-        """Policy scores of a packed batch and the objective on them: (LossOutput, inputs, scores)."""
-        scores = self.policy(batch)
-        inputs = loss_inputs(scores, ref_logps, batch, nll_scale)
-        return preference_loss(self.cfg.loss.losses(), inputs, **self.hparams), inputs, scores
+    def objective(self, micro: list, nll_scale, *, cached_ref: bool = False):
+        """This rank's share of a global micro-batch through the policy and the objective:
+        (LossOutput, PreferenceInputs, SequenceStats, batch, mask [G])."""
+        examples, mask = shard(micro, self.world)
+        device = self.world.device
+        batch = pack(examples, self.cfg).to(device)
+        kl = self.reference_point(micro) if self.cfg.loss.uses_reference_point else None
+        ref_logps = self.reference_logps(examples, batch, cached=cached_ref)
+        seq = response_stats(self.policy(batch), batch, self.cfg.loss.ld_alpha)
+        inputs = loss_inputs(seq, ref_logps, batch, nll_scale, labels=example_labels(examples, device), kl=kl)
+        out = preference_loss(self.cfg.loss.losses(), inputs, **self.hparams)
+        return out, inputs, seq, batch, torch.tensor(mask, device=device)
 
-    def forward_backward_step(self, examples, global_examples: int, nll_scale) -> tuple[torch.Tensor, torch.Tensor]:
+    def micro_step(self, micro: list, nll_scale, *, cached_ref: bool = False) -> tuple[torch.Tensor, dict]:
+        """(sum of this rank's per-example losses, metric sums) of a global micro-batch."""
+        out, inputs, seq, batch, mask = self.objective(micro, nll_scale, cached_ref=cached_ref)
+        return (out.losses * mask).sum(), self.metric_set.sums(out, inputs, seq, batch, mask)
+
+    def forward_backward_step(self, micro: list, global_examples: int, nll_scale) -> tuple[torch.Tensor, dict]:
         """One micro-batch: score, objective, backward of sum(losses) / global_examples."""
-        batch = pack(examples, self.cfg).to(self.world.device)
-        out, inputs, scores = self.objective(batch, self.reference_logps(examples, batch), nll_scale)
-        loss = out.losses.sum() / global_examples
+        loss_sum, sums = self.micro_step(micro, nll_scale, cached_ref=True)
+        loss = loss_sum / global_examples
         loss.backward()
-        return loss.detach(), metric_sums(out, inputs, scores, batch)
+        return loss.detach(), sums
 
     def train_step(self) -> dict:
         cfg = self.cfg
         examples = global_batch(self.train_examples, self.state.step, cfg.data.batch_size, cfg.seed)
         nll_scale = _nll_scale(examples)
-        loss_sum, sums = 0.0, 0.0
-        for micro in micro_batches(examples, cfg.optim.grad_accum_steps, self.world):
+        loss_sum, sums = 0.0, None
+        for micro in micro_batches(examples, cfg.optim.grad_accum_steps):
             loss, s = self.forward_backward_step(micro, len(examples), nll_scale)
-            loss_sum, sums = loss_sum + loss, sums + s
+            loss_sum, sums = loss_sum + loss, add_sums(sums, s)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.optim.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        metrics = finish_metrics(sums, loss_sum)
+        metrics = finish_metrics(sums, loss_sum, self.metric_set)
         metrics |= {"grad_norm": float(_full(grad_norm)), "lr": self.scheduler.get_last_lr()[0]}
         self.state.step += 1
         return metrics
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out TRL metrics (accuracy, margins, ...) over `eval_examples`, split across ranks."""
-        bs = max(1, self.cfg.data.batch_size // self.cfg.optim.grad_accum_steps)
-        sums, loss_sum = 0.0, 0.0
-        mine = self.eval_examples[self.world.rank :: self.world.size]
-        for i in range(0, len(mine), bs):
-            chunk = mine[i : i + bs]
-            batch = pack(chunk, self.cfg).to(self.world.device)
+        """Held-out metrics over `eval_examples` in global micro-batches split across ranks, as in
+        training (every rank runs one forward per chunk); {} without eval examples."""
+        if not self.eval_examples:
+            return {}
+        loss_sum, sums = 0.0, None
+        for chunk in eval_chunks(self.eval_examples, self.micro_size):
             # never the training cache: eval examples are indexed in their own split
-            ref = None if self.reference is None else self.reference(batch).logp_sum
-            out, inputs, scores = self.objective(batch, ref, _nll_scale(chunk))
-            loss_sum = loss_sum + out.losses.sum() / len(self.eval_examples)
-            sums = sums + metric_sums(out, inputs, scores, batch)
-        return {f"eval/{k}": v for k, v in finish_metrics(sums, torch.as_tensor(loss_sum)).items()}
+            losses, s = self.micro_step(chunk, _nll_scale(chunk))
+            loss_sum, sums = loss_sum + losses / len(self.eval_examples), add_sums(sums, s)
+        return {f"eval/{k}": v for k, v in finish_metrics(sums, loss_sum, self.metric_set).items()}
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -379,6 +412,7 @@ def build(cfg, world: parallel.World):
     """Tokenizer, data, policy, reference, optimizer and schedule; returns (Trainer, tokenizer, report)."""
     from transformers import AutoTokenizer
 
+    from fastpo.config import check_data_format
     from fastpo.data import load_preference_dataset
 
     source = cfg.model.tokenizer or cfg.model.name
@@ -390,6 +424,7 @@ def build(cfg, world: parallel.World):
     if cfg.data.pad_token_id is None:
         cfg.data.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train, held_out, report = load_preference_dataset(cfg.data, tokenizer)
+    check_data_format(cfg, report.format)
     model = load_model(cfg, world.device)
     reference = None
     if not cfg.loss.reference_free:

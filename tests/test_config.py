@@ -103,7 +103,15 @@ def test_field_validation(argv, match):
     (["--loss.name", "simpo", "--ref.name", "org/ref"], r"--ref\.name.*reference-free"),
     (["--loss.name", "dpp"], r"unknown loss 'dpp'.*dpo"),
     (["--loss.name", "dpo", "--loss.simpo_gamma", "1.0"], r"--loss\.simpo_gamma.*does not use it"),
-    (["--data.format", "kto", "--loss.name", "dpo"], r"--data\.format=kto"),
+    (["--data.format", "kto", "--loss.name", "dpo"], r"--data\.format=kto.*unpaired objectives"),
+    (["--data.format", "preference", "--loss.name", "kto"], r"--loss\.name \['kto'\] is unpaired.*--data\.format kto"),
+    (["--loss.loss_type", "kto,sigmoid"], r"--loss\.loss_type.*cannot be combined"),
+    (["--data.format", "kto", "--loss.name", "kto", "--loss.ld_alpha", "0.5"], r"--loss\.ld_alpha.*one response"),
+    (["--data.format", "kto", "--loss.name", "kto", "--loss.use_weighting"], r"--loss\.use_weighting.*one response"),
+    (["--data.format", "kto", "--loss.name", "kto", "--data.batch_size", "4", "--optim.grad_accum_steps", "4"],
+     r"--data\.batch_size / --optim\.grad_accum_steps = 1.*at least 2"),  # z0 needs another completion
+    (["--loss.name", "aot", "--loss.use_weighting"], r"--loss\.use_weighting.*AOT"),
+    (["--loss.name", "mrpo"], r"several reference models"),
     (["--data.max_length", "8192"], r"--data\.max_tokens"),
     (["--data.batch_size", "10", "--optim.grad_accum_steps", "4"], r"divisible"),
 ])  # fmt: skip
@@ -117,3 +125,28 @@ def test_loss_hparams_use_the_objectives_names():
     validate(cfg)
     assert cfg.loss.reference_free
     assert cfg.loss.hparams() == {"beta": 0.1, "use_weighting": False, "gamma": 0.7, "label_smoothing": 0.1}
+
+
+@pytest.mark.parametrize("argv", [
+    ["--loss.ld_alpha", "0.5"],
+    ["--loss.use_weighting"],
+    ["--loss.ld_alpha", "0.5", "--loss.use_weighting", "--loss.loss_type", "sigmoid,sft"],
+    ["--data.format", "kto", "--loss.name", "kto", "--loss.desirable_weight", "1.33"],
+    ["--data.format", "kto", "--loss.name", "apo_zero_unpaired"],
+    ["--loss.name", "kto"],  # format auto: checked against the detected format once the data is loaded
+])  # fmt: skip
+def test_trainer_drives_wpo_ld_dpo_and_unpaired(argv):
+    validate(parse_args(argv))
+
+
+def test_unpaired_traits():
+    assert parse_args(["--loss.name", "kto"]).loss.unpaired
+    assert parse_args(["--loss.name", "kto"]).loss.uses_reference_point
+    unpaired = parse_args(["--loss.name", "apo_zero_unpaired"]).loss
+    assert unpaired.unpaired and not unpaired.uses_reference_point
+    assert not parse_args([]).loss.unpaired
+    cfg = parse_args(["--loss.name", "kto", "--loss.undesirable_weight", "2"])
+    assert cfg.loss.hparams() == {"beta": 0.1, "use_weighting": False, "undesirable_weight": 2.0}
+    config.check_data_format(cfg, "kto")
+    with pytest.raises(ValueError, match=r"detected format 'preference'"):
+        config.check_data_format(cfg, "preference")

@@ -103,6 +103,7 @@ def test_kto_rows(tok, tmp_path):
     assert report.format == "kto"
     assert [ex.label for ex in train] == [True, False]
     assert [len(ex.response_ids) for ex in train] == [1, 1]
+    assert load(tok, tmp_path / "k.jsonl", num_workers=2)[0] == train  # labels survive worker processes
 
 
 def test_truncation_rules_are_counted(tok, tmp_path):

@@ -426,7 +426,7 @@ def _args(B=3):
     ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "loss_weights has 1 entries for 2"),
     ({"loss_type": "sigmoid", "f_divergence_type": "kl"}, "f_divergence_type must be one of"),
     ({"loss_type": "nca_pair", "margin": torch.zeros(3, dtype=torch.float64)}, "does not take a per-group margin"),
-    ({"loss_type": "aot", "use_weighting": True}, "cannot be combined with the AOT"),
+    ({"loss_type": "aot", "use_weighting": True}, "cannot be combined with the batch-coupled"),
     ({"loss_type": "kto"}, "unpaired"),
     ({"loss_type": "dpo_shift", "shift_lambda": 1.5}, "shift_lambda must lie in"),
 ])

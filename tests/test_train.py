@@ -1,6 +1,8 @@
-"""The trainer end to end: the embedded default learns, FSDP2 on two ranks equals one process, resume
-after a kill equals an uninterrupted run, the export loads in transformers, bad input fails early, and a
-NaN loss stops the run with a checkpoint. Real processes (`python -m fastpo.train`, `torchrun`), real
+"""The trainer end to end: the embedded default learns, FSDP2 on two ranks equals one process (training
+and an eval set of odd size), resume after a kill equals an uninterrupted run, the export loads in
+transformers, bad input fails early, a NaN loss stops the run with a checkpoint, WPO / LD-DPO losses equal
+the materialized-logits reference on unpacked rows, and KTO learns with a reference point equal to a
+direct computation, on one rank and on two. Real processes (`python -m fastpo.train`, `torchrun`), real
 checkpoints on disk, the bundled tiny model and data.
 """
 
@@ -58,15 +60,36 @@ def test_embedded_default_learns(tmp_path):
     assert records[-1]["eval/rewards/margins"] > records[0]["eval/rewards/margins"]
 
 
+def _evals(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if '"eval/loss"' in line]
+
+
+def _assert_same_evals(one, two, tol=1e-5):
+    assert len(one) == len(two) == 2 and [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert abs(a[key] - b[key]) <= tol * max(1.0, abs(a[key])), (key, a, b)
+
+
+# 17 held-out examples in eval micro-batches of 8: 8, 8, 1. The last one leaves rank 1 of 2 without an
+# example (it scores a masked copy); sharding the whole eval set by rank instead would give rank 0 two
+# forwards (9 examples) and rank 1 one (8), and FSDP would hang.
+ODD_EVAL = ["--data.max_eval_examples", "17"]
+
+
 @pytest.mark.slow
 def test_fsdp_two_ranks_equal_one_process(tmp_path):
-    """torchrun --nproc_per_node 2 (gloo, FSDP2) gives the one-process losses on the same global batch."""
-    _run([], tmp_path / "one")
-    _run([], tmp_path / "two", nproc=2)
+    """torchrun --nproc_per_node 2 (gloo, FSDP2) gives the one-process losses on the same global batch,
+    and the one-process held-out metrics on an eval set of odd size."""
+    _run(ODD_EVAL, tmp_path / "one")
+    _run(ODD_EVAL, tmp_path / "two", nproc=2)
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
     for step in one:
         assert abs(one[step] - two[step]) <= 1e-5 * max(1.0, abs(one[step])), (step, one[step], two[step])
+    _assert_same_evals(_evals(tmp_path / "one"), _evals(tmp_path / "two"))
 
 
 @pytest.mark.slow
@@ -139,11 +162,11 @@ def test_export_loads_with_transformers_and_gives_same_logprobs(tmp_path):
         (["--data.dataset", "/nonexistent/data.jsonl"], "/nonexistent/data.jsonl"),
         (["--loss.name", "simpo", "--ref.name", "some/model"], "reference-free"),
         (["--loss.name", "dpoo"], "did you mean"),
-        (["--loss.name", "kto"], "does not run unpaired"),
-        (["--loss.ld_alpha", "0.5"], "LD-DPO"),
+        (["--loss.name", "kto"], "needs --data.format kto rows"),  # demo data detected as paired
+        (["--loss.name", "mrpo"], "several reference models"),
     ],
-    ids=["unknown-model", "unknown-dataset", "ref-with-reference-free-loss", "unknown-loss", "kto-not-wired",
-         "ld-alpha-not-wired"],
+    ids=["unknown-model", "unknown-dataset", "ref-with-reference-free-loss", "unknown-loss", "kto-on-paired-data",
+         "multi-reference-not-wired"],
 )
 def test_bad_input_fails_before_training(tmp_path, args, message):
     with pytest.raises(ValueError) as info:
@@ -169,3 +192,189 @@ def test_nan_loss_stops_with_checkpoint(tmp_path, monkeypatch):
         train_cli.main([*FAST, "--logging.out_dir", str(tmp_path), "--checkpoint.dir", str(ckpt),
                         "--data.max_eval_examples", "8", "--device", "cpu"])
     assert any(p.name.startswith("nan-step-") for p in ckpt.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------------
+# WPO, LD-DPO and unpaired (KTO) objectives: the trainer's losses against unpacked forwards
+# ----------------------------------------------------------------------------------------------------
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _paired_rows(n, seed=0):
+    """Prompt/chosen/rejected rows whose responses have 1 to 9 characters, so that most pairs differ in
+    length (LD-DPO's tail tokens)."""
+    import random
+
+    rng = random.Random(seed)
+    word = lambda k: "".join(rng.choice("abcdefghij") for _ in range(k))  # noqa: E731
+    return [{"prompt": f"Q: {word(rng.randint(1, 6))}\nA: ", "chosen": word(rng.randint(1, 9)),
+             "rejected": word(rng.randint(1, 9))} for _ in range(n)]
+
+
+def _kto_rows(n, seed=0):
+    """Unpaired rows of a task that needs the prompt: "Be kind to X" makes "Thank you, X!" desirable and
+    "Go away, X." undesirable, "Be rude to X" the reverse. Each completion text is desirable half of the
+    time, so a held-out reward margin > 0 means the policy conditions on the prompt."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        mood, name = rng.choice(["kind", "rude"]), rng.choice(["ann", "bob", "cid", "dee", "eve", "fay", "gus"])
+        good, bad = f"Thank you, {name}!", f"Go away, {name}."
+        good, bad = (good, bad) if mood == "kind" else (bad, good)
+        label = rng.random() < 0.5
+        rows.append({"prompt": f"Q: Be {mood} to {name}.\nA: ", "completion": good if label else bad, "label": label})
+    return rows
+
+
+@pytest.fixture
+def one_thread():
+    """In-process runs at the subprocesses' OMP_NUM_THREADS=1: tiny matmuls run several times slower
+    when two threads share two cores with the rest of the suite."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _build(tmp_path, args):
+    from fastpo import parallel
+    from fastpo.config import parse_args, validate
+    from fastpo.trainer import build
+
+    cfg = parse_args([*FAST, "--logging.out_dir", str(tmp_path), "--device", "cpu", *args])
+    validate(cfg)
+    trainer, _, _ = build(cfg, parallel.init_world("cpu"))
+    return trainer
+
+
+def _plain(model):
+    """A copy of a (prefix-sharing) policy that runs the stock SDPA attention on ordinary padded rows."""
+    import copy
+
+    plain = copy.deepcopy(model)
+    plain.set_attn_implementation("sdpa")
+    return plain
+
+
+def _rows(pairs):
+    """(prompt_ids, response_ids) -> right-padded [B, T] input ids, attention mask and completion targets
+    (the token itself on completion positions, -100 elsewhere; not yet shifted)."""
+    T = max(len(p) + len(r) for p, r in pairs)
+    ids = torch.zeros(len(pairs), T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    targets = torch.full_like(ids, -100)
+    for i, (p, r) in enumerate(pairs):
+        n = len(p) + len(r)
+        ids[i, :n] = torch.tensor(list(p) + list(r))
+        mask[i, :n] = 1
+        targets[i, len(p) : n] = torch.tensor(list(r))
+    return ids, mask, targets
+
+
+def _hidden(model, ids, mask):
+    return _plain(model).get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+
+def _sequence_logps(model, pairs):
+    """[B] sum of completion-token log-probs of each [prompt + response], one padded stock forward."""
+    ids, mask, targets = _rows(pairs)
+    with torch.no_grad():
+        logp = _plain(model)(input_ids=ids, attention_mask=mask, use_cache=False).logits.float().log_softmax(-1)
+    y = targets[:, 1:]
+    token = logp[:, :-1].gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
+    return torch.where(y != -100, token, 0.0).sum(-1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["--loss.use_weighting"], ["--loss.ld_alpha", "0.3"],
+                                  ["--loss.ld_alpha", "0.5", "--loss.use_weighting"]],
+                         ids=["wpo", "ld_dpo", "ld_dpo+wpo"])
+def test_weighted_dpo_loss_equals_unpacked_reference(tmp_path, args, one_thread):
+    """A training step's loss and rewards with WPO / LD-DPO equal `fused_linear_preference_loss_ref`
+    (materialized logits) on the same model's hidden states of unpacked [prompt + response] rows. Checked
+    at step 2, where policy and reference differ; two micro-batches per step."""
+    from fastpo.losses import fused_linear_preference_loss_ref
+    from fastpo.trainer import global_batch
+
+    data = _write_jsonl(tmp_path / "pairs.jsonl", _paired_rows(48))
+    trainer = _build(tmp_path, ["--data.dataset", data, "--data.eval_dataset", data, "--data.max_eval_examples",
+                                "4", "--optim.grad_accum_steps", "2", *args])
+    trainer.train_step()
+    cfg = trainer.cfg
+    examples = global_batch(trainer.train_examples, trainer.state.step, cfg.data.batch_size, cfg.seed)
+    pairs = [(ex.prompt_ids, ex.response_ids[k]) for k in (0, 1) for ex in examples]  # chosen rows, then rejected
+    ids, mask, targets = _rows(pairs)
+    policy, reference = trainer.policy.model, trainer.reference.model
+    with torch.no_grad():
+        expected = fused_linear_preference_loss_ref(
+            _hidden(policy, ids, mask)[:, :-1], policy.lm_head.weight, targets[:, 1:], loss_type="sigmoid",
+            ref_hidden=_hidden(reference, ids, mask)[:, :-1], ref_weight=reference.lm_head.weight,
+            ld_alpha=cfg.loss.ld_alpha, use_weighting=cfg.loss.use_weighting, beta=cfg.loss.beta,
+        )  # fmt: skip
+    metrics = trainer.train_step()
+    assert abs(expected.loss.item() - 0.6931471805599453) > 1e-3  # the weights and the update both show
+    for key in ("loss", "rewards/chosen", "rewards/margins", "logps/chosen"):
+        want = expected.loss if key == "loss" else expected.metrics[key]
+        assert abs(metrics[key] - want.item()) <= 1e-5 * max(1.0, abs(want.item())), (key, metrics[key], want)
+
+
+@pytest.mark.slow
+def test_kto_learns_and_its_reference_point_is_direct(tmp_path, one_thread):
+    """--data.format kto with --loss.name kto: held-out margin and loss improve; z0 of a step equals
+    max(0, mean_i S(x_i, y_{i-1}) - S_ref(x_i, y_{i-1})) from stock forwards, and the step's loss equals
+    `kto_loss` on stock-forward sums with that z0."""
+    from fastpo import logs
+    from fastpo.losses import kto_loss
+    from fastpo.trainer import global_batch, run
+
+    train = _write_jsonl(tmp_path / "kto.jsonl", _kto_rows(512))
+    held_out = _write_jsonl(tmp_path / "kto_eval.jsonl", _kto_rows(63, seed=1))
+    trainer = _build(tmp_path, ["--data.dataset", train, "--data.eval_dataset", held_out, "--data.format", "kto",
+                                "--loss.name", "kto", "--data.batch_size", "16", "--optim.num_steps", "40",
+                                "--optim.warmup_steps", "2", "--data.max_eval_examples", "63"])
+    before, after = run(trainer, logs.RunLog(trainer.cfg, 40, enabled=False))
+    assert before["eval/count/chosen"] + before["eval/count/rejected"] == 63
+    assert after["eval/rewards/margins"] > 1.0 > abs(before["eval/rewards/margins"]), (before, after)
+    assert after["eval/loss"] < before["eval/loss"] - 0.1, (before, after)
+
+    cfg = trainer.cfg
+    examples = global_batch(trainer.train_examples, trainer.state.step, cfg.data.batch_size, cfg.seed)
+    policy, reference = trainer.policy.model, trainer.reference.model
+    mismatched = [(ex.prompt_ids, examples[i - 1].response_ids[0]) for i, ex in enumerate(examples)]
+    rho = _sequence_logps(policy, mismatched) - _sequence_logps(reference, mismatched)
+    total, count = trainer.kl_terms(examples).tolist()
+    assert count == 16 and abs(total / count - rho.mean().item()) <= 1e-5 * max(1.0, abs(total / count))
+    z0 = rho.mean().clamp(min=0.0)
+    assert abs(trainer.reference_point(examples).item() - z0.item()) <= 1e-5 * max(1.0, z0.item())
+
+    matched = [(ex.prompt_ids, ex.response_ids[0]) for ex in examples]
+    labels = torch.tensor([ex.label for ex in examples])
+    expected = kto_loss(_sequence_logps(policy, matched), _sequence_logps(reference, matched), labels, kl=z0,
+                        beta=cfg.loss.beta).losses.mean()
+    metrics = trainer.train_step()
+    assert abs(metrics["kl"] - z0.item()) <= 1e-5 * max(1.0, z0.item())
+    assert abs(metrics["loss"] - expected.item()) <= 1e-5, (metrics["loss"], expected)
+    assert metrics["count/chosen"] + metrics["count/rejected"] == 16
+
+
+@pytest.mark.slow
+def test_kto_two_ranks_equal_one_process(tmp_path):
+    """KTO under torchrun --nproc_per_node 2: z0 summed over ranks gives the one-process losses, and the
+    held-out metrics over 17 examples (a padded last micro-batch) match too."""
+    train = _write_jsonl(tmp_path / "kto.jsonl", _kto_rows(64))
+    args = ["--data.dataset", train, "--data.eval_dataset", train, "--loss.name", "kto", *ODD_EVAL,
+            "--optim.num_steps", "3"]
+    _run(args, tmp_path / "one")
+    _run(args, tmp_path / "two", nproc=2)
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for step in one:
+        assert abs(one[step] - two[step]) <= 1e-5 * max(1.0, abs(one[step])), (step, one[step], two[step])
+    _assert_same_evals(_evals(tmp_path / "one"), _evals(tmp_path / "two"))
+    assert "eval/kl" in _evals(tmp_path / "one")[-1]

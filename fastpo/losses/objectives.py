@@ -518,14 +518,24 @@ def mrpo(inputs, *, beta=0.1):
 
 @dataclass(frozen=True)
 class Objective:
-    """A registered objective. `pair_local`: the gradient for a group depends on that group only (given
-    precomputed detached batch constants such as nll_scale or KTO's z0), so the pair-fused head applies.
-    `needs_reference`: it reads reference log-probs (False: reference-free, no reference model)."""
+    """A registered objective and the traits its callers plan with.
+
+    pair_local            the gradient for a group depends on that group only (given precomputed detached
+                          batch constants such as nll_scale or KTO's z0): the pair-fused head applies;
+                          False (AOT: sorts over the batch) also rules out WPO weighting.
+    needs_reference       reads reference log-probs (False: reference-free, no reference model).
+    unpaired              one labelled response per example (K = 1, `inputs.labels`).
+    uses_reference_point  reads `inputs.kl`, KTO's z0 (scored on mismatched pairs).
+    multi_reference       reads the sums of several reference models (`ref_logps` [M, G, K]).
+    """
 
     name: str
     fn: Callable[..., LossOutput]
     pair_local: bool = True
     needs_reference: bool = True
+    unpaired: bool = False
+    uses_reference_point: bool = False
+    multi_reference: bool = False
 
     def __call__(self, inputs: PreferenceInputs, **hparams) -> LossOutput:
         return self.fn(inputs, **hparams)
@@ -545,8 +555,10 @@ _OBJECTIVES = [
     Objective("sigmoid_norm", sigmoid_norm), Objective("sft", sft, needs_reference=False), Objective("rpo", rpo),
     Objective("simpo", simpo, needs_reference=False), Objective("cpo", cpo, needs_reference=False),
     Objective("orpo", orpo, needs_reference=False),
-    Objective("kto", kto), Objective("apo_zero_unpaired", apo_zero_unpaired),
-    Objective("dpo_shift", dpo_shift), Objective("plackett_luce", plackett_luce), Objective("mrpo", mrpo),
+    Objective("kto", kto, unpaired=True, uses_reference_point=True),
+    Objective("apo_zero_unpaired", apo_zero_unpaired, unpaired=True),
+    Objective("dpo_shift", dpo_shift), Objective("plackett_luce", plackett_luce),
+    Objective("mrpo", mrpo, multi_reference=True),
     Objective("dpo", sigmoid),
 ]
 LOSSES: dict[str, Objective] = {o.name: o for o in _OBJECTIVES}
@@ -607,8 +619,8 @@ def preference_loss(
     names = loss_names(loss_type)
     weights = _loss_weights(names, loss_weights)
     _check_hparams(names, hparams)
-    if use_weighting and any(n in ("aot", "aot_unpaired") for n in names):
-        raise ValueError("use_weighting (WPO) cannot be combined with the AOT losses")
+    if use_weighting and not is_pair_local(names):
+        raise ValueError(f"use_weighting (WPO) cannot be combined with the batch-coupled losses {list(names)}")
     outs = [LOSSES[n](inputs, **{k: v for k, v in hparams.items() if k in LOSSES[n].hparams}) for n in names]
     losses = sum(w * o.losses for w, o in zip(weights, outs))
     if inputs.weight is not None:
