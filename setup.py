@@ -31,6 +31,7 @@ setup(
             "pytest-benchmark>=5",
             "liger-kernel>=0.8.5",
             "trl>=1.16",
+            "cut-cross-entropy>=25.1.1",
             "tensorboard",
             "matplotlib",
         ],

@@ -4,6 +4,15 @@ Providers compute the same per-token log-probs (or NLL, its negation) of the tar
 states and the LM-head weight; `gemm` is the bare LM-head GEMMs, the roofline (forward: z = h W^T;
 fwd+bwd: that plus dX = G W and dW = G^T h). Each provider is skipped, with the reason, where it does
 not install or run. Shapes come from `bench.harness.HEAD_SHAPES` for the current device.
+
+Apple's Cut Cross-Entropy (`pip install cut-cross-entropy`, PyPI 25.1.1) enters as three providers of
+`linear_cross_entropy(e, c, targets, reduction="none")`, negated:
+
+  cce                its Triton kernels (CUDA only) with the default gradient filter `filter_eps="high"`
+  cce-nofilter       the same kernels with `filter_eps=None`. The filter skips gradient tiles whose entries
+                     are all below 2^-12 (bf16); with these random inputs (logits ~ N(0, 1) over 128k
+                     columns) that is most tiles without a target, so the filtered figure flatters CCE.
+  cce-torch-compile  its `impl="torch_compile"`: materialized logits under torch.compile; runs on CPU.
 """
 
 import functools
@@ -29,6 +38,15 @@ def _trl(hidden, weight, targets):
     return ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 32768, None, 1.0, ())[0]
 
 
+def _cce(impl, **kwargs):
+    def logprobs(hidden, weight, targets):
+        from cut_cross_entropy import linear_cross_entropy
+
+        return -linear_cross_entropy(hidden, weight, targets, reduction="none", impl=impl, **kwargs)
+
+    return logprobs
+
+
 @functools.lru_cache
 def _compiled_ref():
     return torch.compile(functools.partial(token_logprobs_ref, upcast=False))
@@ -47,13 +65,22 @@ PROVIDERS = {
     "linear-cross-entropy": lambda h, w, y: -F.linear_cross_entropy(h, w, y, reduction="none"),
     "liger-scaled-ce": _liger,
     "trl-chunked": _trl,
+    "cce": _cce("cce"),
+    "cce-nofilter": _cce("cce", filter_eps=None),
+    "cce-torch-compile": _cce("torch_compile"),
     "gemm": _gemm,
 }
 # Where a provider cannot give a meaningful figure on this device, say why instead of timing it.
 SKIP_ON_CPU = {
     "fastpo-triton": "Triton on CPU is the interpreter: a correctness tool, not a benchmark",
-    "torch-compile": "compiling on a 2-core CPU costs minutes; timed on GPU",
+    "cce": "CCE's Triton kernels need CUDA (on CPU: '0 active drivers')",
+    "cce-nofilter": "CCE's Triton kernels need CUDA (on CPU: '0 active drivers')",
 }
+MODULES = {"liger-scaled-ce": "liger_kernel", "trl-chunked": "trl", "cce": "cut_cross_entropy",
+           "cce-nofilter": "cut_cross_entropy", "cce-torch-compile": "cut_cross_entropy"}
+"""Optional baselines: the module each needs (skipped with the reason where it does not import)."""
+COMPILED = {"torch-compile", "cce-torch-compile"}
+"""Providers that compile on their first call (warmed up before a memory probe)."""
 MODES = ["fwd", "bwd", "fwd_bwd"]
 SHAPES = HEAD_SHAPES[DEVICE]
 TIME_SHAPES = [s for s in SHAPES if s != "cpu-memory"]
@@ -62,7 +89,9 @@ TIME_SHAPES = [s for s in SHAPES if s != "cpu-memory"]
 def _skip_reason(provider):
     if DEVICE == "cpu" and provider in SKIP_ON_CPU:
         return SKIP_ON_CPU[provider]
-    module = {"liger-scaled-ce": "liger_kernel", "trl-chunked": "trl"}.get(provider)
+    if provider == "linear-cross-entropy" and not hasattr(F, "linear_cross_entropy"):
+        return f"torch {torch.__version__} has no F.linear_cross_entropy"
+    module = MODULES.get(provider)
     if module is not None:
         try:
             __import__(module)
@@ -72,7 +101,15 @@ def _skip_reason(provider):
 
 
 def _upstream(out):
-    return torch.randn_like(out, dtype=out.dtype)
+    """A random upstream gradient shaped like `out`, drawn once per shape: the timed region never pays for
+    drawing it (for `gemm` that is [N, V] values, comparable to the GEMMs themselves at CPU shapes)."""
+    return _random_like(tuple(out.shape), out.dtype, str(out.device))
+
+
+@functools.lru_cache(maxsize=1)
+def _random_like(shape, dtype, device):
+    g = torch.Generator(device=device).manual_seed(1)
+    return torch.randn(shape, generator=g, device=device, dtype=dtype)
 
 
 def _step(provider, mode):
@@ -128,11 +165,17 @@ def bench_head_time(benchmark, record, shape_name, provider, mode):
 
 
 def head_case(provider, N, H, V, dtype):
-    """Inputs built, nothing run: returns the measured region (fwd + bwd with a random upstream)."""
+    """Inputs built (and, on CUDA or for a compiled provider, one untimed fwd + bwd run to compile and
+    autotune, gradients cleared): returns the measured region (fwd + bwd with a random upstream)."""
     from bench.harness import HeadShape
 
     inputs = head_inputs(HeadShape(N, H, V, dtype))
     _, _, fwd_bwd = _step(provider, "fwd_bwd")
+    if DEVICE == "cuda" or provider in COMPILED:
+        fwd_bwd(inputs)
+        for t in inputs[:2]:
+            t.grad = None
+        synchronize()
     return lambda: fwd_bwd(inputs)
 
 

@@ -3,11 +3,12 @@
 Every provider computes the same per-response log-prob sums (fused head on the completion rows only)
 and the gradient of a DPO-style loss; only the layout and the attention path differ:
 
-  shared             `pack_examples(share_prompt=True)` + `fastpo.score` (prefix-shared attention)
-  unshared           `pack_examples(share_prompt=False)` + `fastpo.score`: every [p + y_k] packed
-  shared-hf-4d-mask  the shared rows through the stock `sdpa` attention with the 4-D bool mask given as
-                     `attention_mask` (the mask path without the fastpo attention function)
-  padded             no packing: one [p + y_k] per row, right-padded, stock `sdpa` with a 2-D padding mask
+  fastpo-shared             `pack_examples(share_prompt=True)` + `fastpo.score` (prefix-shared attention)
+  fastpo-unshared           `pack_examples(share_prompt=False)` + `fastpo.score`: every [p + y_k] packed
+  fastpo-shared-hf-4d-mask  the shared rows through the stock `sdpa` attention with the 4-D bool mask given
+                            as `attention_mask` (the mask path without the fastpo attention function)
+  naive-padded              no packing: one [p + y_k] per row, right-padded, stock `sdpa` with a 2-D
+                            padding mask
 
 Datasets are synthetic, at three median prompt/response length ratios r = P / R:
 0.4 (UltraFeedback-like), 2 (HH-RLHF-like), 8 (summarization-like); lengths uniform in [0.5, 1.5] x
@@ -55,7 +56,7 @@ SHAPES = {
 }  # fmt: skip
 SHAPE = SHAPES[DEVICE]
 RATIOS = {0.4: "ultrafeedback-like", 2.0: "hh-like", 8.0: "summarization-like"}
-PROVIDERS = ["shared", "unshared", "shared-hf-4d-mask", "padded"]
+PROVIDERS = ["fastpo-shared", "fastpo-unshared", "fastpo-shared-hf-4d-mask", "naive-padded"]
 WARMUP_STEPS = 2
 """Untimed steps before `run_pedantic` (which adds its own warmup round): the first CPU steps of a new
 shape run several times slower."""
@@ -123,8 +124,9 @@ def _padded_inputs(examples):
 
 def make_step(provider, model, examples):
     """(step() -> loss after backward, processed token count, setup())."""
-    if provider in ("shared", "unshared"):
-        batch = pack_examples(examples, max_tokens=SHAPE.max_tokens, share_prompt=provider == "shared").to(DEVICE)
+    if provider in ("fastpo-shared", "fastpo-unshared"):
+        share = provider == "fastpo-shared"
+        batch = pack_examples(examples, max_tokens=SHAPE.max_tokens, share_prompt=share).to(DEVICE)
         enable_prefix_sharing(model)
 
         def step():
@@ -133,7 +135,7 @@ def make_step(provider, model, examples):
             return loss
 
         return step, batch.input_ids.numel(), batch.layout.cache.clear  # mask rebuilt every step
-    if provider == "shared-hf-4d-mask":
+    if provider == "fastpo-shared-hf-4d-mask":
         batch = pack_examples(examples, max_tokens=SHAPE.max_tokens).to(DEVICE)
         model.set_attn_implementation("sdpa")
 

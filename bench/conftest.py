@@ -1,8 +1,8 @@
-"""`pytest bench/`: collects every benchmark's `extra_info` and, with `--save-results`, writes
-`bench/results/<date>-<device>.json` and a Markdown table beside it."""
+"""`pytest bench/`: collects every benchmark's `extra_info`, prints one table per benchmark and, with
+`--save-results`, writes `bench/results/<date>-<device>.{json,md,png}` through `bench.report`."""
 
 import datetime
-import json
+import importlib.metadata
 import os
 import platform
 import sys
@@ -10,13 +10,17 @@ import sys
 import pytest
 import torch
 
+from bench import report
 from bench.harness import device_name
 
 RESULTS = []
+BASELINE_DISTRIBUTIONS = ("triton", "transformers", "liger-kernel", "trl", "cut-cross-entropy")
+"""Versions recorded with the results (None where not installed)."""
 
 
 def pytest_addoption(parser):
-    parser.addoption("--save-results", action="store_true", help="write bench/results/<date>-<device>.{json,md}")
+    parser.addoption("--save-results", action="store_true",
+                     help="write bench/results/<date>-<device>.{json,md,png}")
 
 
 @pytest.fixture
@@ -46,9 +50,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     rows = [_finalize(dict(r)) for r in RESULTS]
     terminalreporter.write_sep("=", f"fastpo benchmarks on {device_name()}")
-    terminalreporter.write(_markdown(rows))
+    terminalreporter.write(report.markdown(rows))
     if config.getoption("--save-results"):
-        _save(rows)
+        for path in _save(rows):
+            terminalreporter.write_line(f"wrote {path}")
 
 
 def _save(rows):
@@ -56,41 +61,18 @@ def _save(rows):
         "device": device_name(),
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
-        "triton": _version("triton"),
+        **{name: _version(name) for name in BASELINE_DISTRIBUTIONS},
         "python": platform.python_version(),
         "command": " ".join(["python -m pytest", *sys.argv[1:]]),
     }
     out_dir = os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"{meta['date']}-{meta['device'].replace(' ', '_')}")
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "results": rows}, f, indent=1, default=str)
-    with open(stem + ".md", "w") as f:
-        f.write(f"# fastpo benchmarks: {meta['device']}\n\n")
-        f.write("".join(f"- {k}: `{v}`\n" for k, v in meta.items()) + "\n")
-        f.write(_markdown(rows))
+    return report.write(meta, rows, stem)
 
 
-def _version(name):
+def _version(distribution):
     try:
-        return __import__(name).__version__
-    except ImportError:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def _columns(rows):
-    cols = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-    return cols
-
-
-def _fmt(v):
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _markdown(rows):
-    cols = _columns(rows)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"

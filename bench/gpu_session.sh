@@ -7,13 +7,14 @@
 #                                       logs and results to OUT (default bench/results)
 #
 # The GPU image is assumed to hold torch, triton, pytest and pytest-benchmark (Python 3.12); the wheels carry
-# transformers (the version fastpo is tested with), datasets, liger-kernel and trl, without dependencies.
+# transformers (the version fastpo is tested with), datasets, liger-kernel, trl and cut-cross-entropy, without
+# dependencies. Without matplotlib the results get no PNG (`python -m bench.report <json>` draws it later).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 WHEELS=(
   "transformers==5.23.0" "datasets==5.2.0" "liger-kernel==0.8.5" "trl==1.16.0"
-  "dill==0.4.1" "multiprocess==0.70.19"
+  "dill==0.4.1" "multiprocess==0.70.19" "cut-cross-entropy==25.1.1"
 )
 
 fetch() {

@@ -2,8 +2,9 @@
 
 Timing: pytest-benchmark's `pedantic` with a CUDA synchronize at the end of every call on GPU.
 Peak memory: on CUDA `max_memory_allocated` above the live memory before the call; on CPU the
-case runs in a fresh subprocess and reports its peak RSS (VmHWM) above its RSS just before the
-call, so one case's allocations never hide another's.
+case runs in a fresh subprocess and reports its peak RSS (VmHWM, reset once the case is built) above
+its RSS just before the call, so neither another case's allocations nor the case's own setup (input
+construction, a warmup step, a compile) count.
 """
 
 from __future__ import annotations
@@ -91,8 +92,8 @@ def _rss_bytes() -> int:
 def peak_memory_bytes(module: str, func: str, kwargs: dict) -> int:
     """Peak memory of `module.func(**kwargs)` above what was live before it.
 
-    `func(**kwargs)` must return a zero-argument callable (inputs built, nothing run): the callable is
-    the measured region. CUDA: measured in this process. CPU: in a fresh subprocess (peak RSS)."""
+    `func(**kwargs)` must return a zero-argument callable (inputs built, any warmup done): the callable
+    is the measured region. CUDA: measured in this process. CPU: in a fresh subprocess (peak RSS)."""
     if DEVICE == "cuda":
         fn = getattr(__import__(module, fromlist=[func]), func)(**kwargs)
         synchronize()
@@ -118,9 +119,19 @@ def peak_memory_bytes(module: str, func: str, kwargs: dict) -> int:
 
 def _child_peak(module: str, func: str, kwargs: dict) -> int:
     fn = getattr(__import__(module, fromlist=[func]), func)(**kwargs)
+    _reset_peak_rss()
     base = _rss_bytes()
     fn()
     return max(0, _peak_rss_bytes() - base)
+
+
+def _reset_peak_rss():
+    """Set VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as e:
+        raise RuntimeError(f"cannot reset the peak RSS of the memory probe ({e}); a Linux /proc is needed") from e
 
 
 def _peak_rss_bytes() -> int:
