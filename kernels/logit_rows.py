@@ -22,11 +22,11 @@ dozen a chain of PyTorch elementwise ops makes. Bytes: fwd 4nV read; bwd 4nV rea
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from fastpo.kernels._compile import TORCH_TO_TRITON, divisibility_attrs, interpreting, store_dtype
 
 # Columns per step: 4096 fp32 = 16 KiB per row per iteration keeps every load wide and the loop short.
 CUDA_BLOCK_V = 4096
@@ -114,10 +114,6 @@ def _logit_rows_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _block_v(device: torch.device) -> int:
     return CUDA_BLOCK_V if device.type == "cuda" else INTERPRETER_BLOCK_V
 
@@ -127,7 +123,7 @@ def _check(z_nV: torch.Tensor, targets_n: torch.Tensor):
         raise ValueError(f"z must be a row-major [n, V] fp32 tensor, got {tuple(z_nV.shape)} {z_nV.dtype}")
     if targets_n.shape != z_nV.shape[:1]:
         raise ValueError(f"targets must be [n]={z_nV.shape[0]}, got {tuple(targets_n.shape)}")
-    if z_nV.device.type != "cuda" and not _interpreting():
+    if z_nV.device.type != "cuda" and not interpreting():
         raise ValueError(f"the Triton row kernels need CUDA tensors (got {z_nV.device}) or TRITON_INTERPRET=1")
 
 
@@ -147,13 +143,11 @@ def logit_rows_fwd(z_nV: torch.Tensor, targets_n: torch.Tensor, ignore_index: in
 
 
 def logit_rows_bwd(z_nV, lse_n, targets_n, grad_n, *, ignore_index, scale, softcap=None, out_dtype=torch.float32):
-    """dz `[n, V]` in `out_dtype` (see module docstring); an fp32 result overwrites `z_nV` in place.
-
-    NOTE: Triton 3.9's interpreter rounds fp32 -> bf16 toward zero (the GPU rounds to nearest even): under the
-    interpreter dz is computed in fp32 and rounded by torch, the same numbers a GPU produces."""
+    """dz `[n, V]` in `out_dtype` (see module docstring); an fp32 result overwrites `z_nV` in place (under the
+    interpreter bf16 too, then rounded by torch: `_compile.store_dtype`)."""
     _check(z_nV, targets_n)
     n, V = z_nV.shape
-    kernel_dtype = torch.float32 if _interpreting() else out_dtype
+    kernel_dtype = store_dtype(out_dtype)
     dz = z_nV if kernel_dtype == torch.float32 else torch.empty((n, V), dtype=kernel_dtype, device=z_nV.device)
     if n == 0:
         return dz.to(out_dtype)
@@ -166,9 +160,6 @@ def logit_rows_bwd(z_nV, lse_n, targets_n, grad_n, *, ignore_index, scale, softc
     return dz.to(out_dtype)
 
 
-_TORCH_TO_TRITON = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
 def aot_specs():
     """Every compiled variant as (name, kernel, signature, constexprs, attrs, options), specialized as the JIT
     specializes contiguous 16-byte aligned inputs (`triton.compile(ASTSource(...), target=...)`)."""
@@ -176,7 +167,7 @@ def aot_specs():
     sig = {"z_ptr": "*fp32", "targets_ptr": "*i32", "lse_ptr": "*fp32", "logp_ptr": "*fp32", "mean_ptr": "*fp32",
            "lsq_ptr": "*fp32", "V": "i32", "stride_zn": "i32", "ignore_index": "i32", "BLOCK_V": "constexpr"}
     yield "rows-fwd", _logit_rows_fwd_kernel, sig, const, _divisible(sig), {"num_warps": 8}
-    for dtype, ty in _TORCH_TO_TRITON.items():
+    for dtype, ty in TORCH_TO_TRITON.items():
         for softcap in (False, True):
             sig = {"z_ptr": "*fp32", "lse_ptr": "*fp32", "targets_ptr": "*i32", "grad_ptr": "*fp32",
                    "dz_ptr": f"*{ty}", "V": "i32", "stride_zn": "i32", "stride_dzn": "i32", "ignore_index": "i32",
@@ -186,5 +177,4 @@ def aot_specs():
 
 
 def _divisible(sig):
-    return {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(sig.items())
-            if ty.startswith("*") or name in ("V", "stride_zn", "stride_dzn")}
+    return divisibility_attrs(sig, ("V", "stride_zn", "stride_dzn"))

@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastpo.kernels._compile import TORCH_TO_TRITON, divisibility_attrs, interpreting, store_dtype, upcast_dot
 from fastpo.ops import HeadParams, Partials, TokenStats, addmm_fp32_, combine_partials, pack_extras, unpack_extras
 
 # Fused-multiply-add contraction changes bitwise results; pin it instead of inheriting a default that
@@ -293,10 +294,6 @@ def _logprobs_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def kernel_config(phase: str, device: torch.device, dtype: torch.dtype) -> KernelConfig:
     if device.type != "cuda":
         return INTERPRETER_CONFIGS[phase]
@@ -320,17 +317,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _upcast_dot(dtype: torch.dtype) -> bool:
-    """NOTE: Triton 3.9's interpreter stores bf16 as uint16 and multiplies the raw integers in tl.dot.
-    Under the interpreter bf16 operands are widened to fp32 first; the widening is exact, so the tile
-    equals a bf16 tensor-core product with fp32 accumulation. Compiled kernels never take this branch."""
-    return _interpreting() and dtype == torch.bfloat16
-
-
 def _check_launchable(hidden: torch.Tensor):
     if hidden.dtype not in TRITON_DTYPES:
         raise TypeError(f"impl='triton' supports hidden dtypes {TRITON_DTYPES}, got {hidden.dtype}")
-    if hidden.device.type != "cuda" and not _interpreting():
+    if hidden.device.type != "cuda" and not interpreting():
         raise ValueError(
             f"impl='triton' needs CUDA tensors (got {hidden.device}); on CPU set TRITON_INTERPRET=1 before "
             "triton is imported, or use impl='torch'"
@@ -394,7 +384,7 @@ def logprobs_fwd(hidden_NH, weight_VH, bias_V, targets_N, params: HeadParams, nu
         SOFTCAP=params.softcap is not None,
         EXTRAS=params.extras,
         DOT_PRECISION=_dot_precision(hidden_NH.dtype),
-        UPCAST_DOT=_upcast_dot(hidden_NH.dtype),
+        UPCAST_DOT=upcast_dot(hidden_NH.dtype),
         BLOCK_N=cfg.BLOCK_N,
         BLOCK_V=cfg.BLOCK_V,
         BLOCK_H=cfg.BLOCK_H,
@@ -413,11 +403,7 @@ def logprobs_bwd(grad_N, hidden_NH, weight_VH, bias_V, targets_N, lse_N, order, 
     C = max(1, min(params.chunk_tokens, N))
     targets_i32 = targets_N.to(torch.int32)
     grad = grad_N.float().contiguous()
-    # NOTE: Triton 3.9's interpreter rounds fp32 -> bf16 toward zero (the GPU rounds to nearest even),
-    # which doubles and biases the dz rounding error; under the interpreter dz is written in fp32 and
-    # rounded by torch (nearest even) before the GEMMs, the same numbers a GPU produces.
-    dz_dtype = torch.float32 if _upcast_dot(hidden_NH.dtype) else hidden_NH.dtype
-    dz_CV = torch.empty((C, V), dtype=dz_dtype, device=hidden_NH.device)
+    dz_CV = torch.empty((C, V), dtype=store_dtype(hidden_NH.dtype), device=hidden_NH.device)
     dh = torch.zeros_like(hidden_NH) if needs[0] else None
     dW = torch.zeros(weight_VH.shape, dtype=torch.float32, device=weight_VH.device) if needs[1] else None
     db = torch.zeros(V, dtype=torch.float32, device=weight_VH.device) if needs[2] else None
@@ -451,7 +437,7 @@ def logprobs_bwd(grad_N, hidden_NH, weight_VH, bias_V, targets_N, lse_N, order, 
             HAS_BIAS=bias_V is not None,
             SOFTCAP=params.softcap is not None,
             DOT_PRECISION=_dot_precision(hidden_NH.dtype),
-            UPCAST_DOT=_upcast_dot(hidden_NH.dtype),
+            UPCAST_DOT=upcast_dot(hidden_NH.dtype),
             BLOCK_N=cfg.BLOCK_N,
             BLOCK_V=cfg.BLOCK_V,
             BLOCK_H=cfg.BLOCK_H,
@@ -469,11 +455,7 @@ def logprobs_bwd(grad_N, hidden_NH, weight_VH, bias_V, targets_N, lse_N, order, 
     return dh, dW, db
 
 
-_TORCH_TO_TRITON = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-# What the JIT specializes for contiguous, 16-byte aligned inputs with H and V multiples of 16 (every
-# model shape): unit strides become constants and the rest carry tt.divisibility=16. Without these
-# facts the loads cannot be vectorized and the K-loop is not software-pipelined, so compiling without
-# them would check a kernel that never runs.
+# Contiguous inputs: the JIT turns the unit strides into constants (`_compile.divisibility_attrs` for the rest).
 _UNIT_STRIDES = ("stride_hh", "stride_wh")
 _DIVISIBLE = ("V", "H", "stride_hn", "stride_wv", "stride_dzn")
 
@@ -481,10 +463,7 @@ _DIVISIBLE = ("V", "H", "stride_hn", "stride_wv", "stride_dzn")
 def _aot_spec(name, kernel, sig, const, cfg):
     const = const | dict.fromkeys(_UNIT_STRIDES, 1)
     sig = sig | dict.fromkeys(const, "constexpr")
-    params = list(sig)
-    divisible = [i for i, p in enumerate(params) if sig[p].startswith("*") or p in _DIVISIBLE]
-    attrs = {(i,): [["tt.divisibility", 16]] for i in divisible}
-    return name, kernel, sig, const, attrs, _options(cfg)
+    return name, kernel, sig, const, divisibility_attrs(sig, _DIVISIBLE), _options(cfg)
 
 
 def aot_specs(configs=None):
@@ -493,7 +472,7 @@ def aot_specs(configs=None):
     `configs`: {"fwd": KernelConfig, "bwd": KernelConfig} for every dtype; default: the CUDA tables."""
     cuda = torch.device("cuda")
     strides = dict.fromkeys(["stride_hn", "stride_hh", "stride_wv", "stride_wh"], "i32")
-    for dtype, ty in _TORCH_TO_TRITON.items():
+    for dtype, ty in TORCH_TO_TRITON.items():
         for has_bias, softcap in itertools.product((False, True), (False, True)):
             table = configs or {phase: kernel_config(phase, cuda, dtype) for phase in ("fwd", "bwd")}
             common = dict(HAS_BIAS=has_bias, SOFTCAP=softcap, DOT_PRECISION=_dot_precision(dtype), UPCAST_DOT=False)
