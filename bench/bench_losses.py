@@ -12,6 +12,10 @@ positions ignored) with a reference model given by its hidden states and LM-head
 
 A provider that does not install or cannot give a meaningful figure on this device is skipped with the
 reason. Peak memory on CPU is the peak RSS of a fresh subprocess above its RSS before the call.
+
+`bench_liger_module_time` compares the drop-in modules as a user swaps them: fastpo's
+`FusedLinear{DPO,SimPO}Loss` against Liger-Kernel's `LigerFusedLinear{DPO,SimPO}Loss` with their defaults
+(compiled with torch.compile, one pair per chunk), forward + backward, same call, same inputs.
 """
 
 from __future__ import annotations
@@ -183,3 +187,55 @@ def bench_dpo_loss_peak_memory(record, provider):
                              dict(provider=provider, B=shape.B, T=shape.T, H=shape.H, V=shape.V, dtype=shape.dtype))
     record(shape=MEMORY_SHAPE, provider=provider, mode="fwd_bwd", B=shape.B, T=shape.T, H=shape.H, V=shape.V,
            dtype=shape.dtype, peak_mb=peak / 2**20, logits_fp32_mb=4 * shape.N * shape.V / 2**20)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the drop-in modules against Liger's, as a user swaps them
+# ----------------------------------------------------------------------------------------------------
+
+MODULE_SHAPES = {
+    "cpu": {"cpu-modules": DPOShape(B=8, T=128, H=1024, V=4096)},  # 16 rows x 128 tokens, fp32
+    "cuda": {"llama3-8k": DPOShape(B=4, T=1024, H=4096, V=128256, dtype="bfloat16")},
+}[DEVICE]
+MODULES = {"fastpo": "fastpo.losses", "liger": "liger_kernel.chunked_loss"}
+MODULE_CLASSES = {"dpo": ("FusedLinearDPOLoss", "LigerFusedLinearDPOLoss"),
+                  "simpo": ("FusedLinearSimPOLoss", "LigerFusedLinearSimPOLoss")}
+
+
+def module_step(provider: str, loss: str):
+    """One forward + backward of the provider's module for `loss`, Liger's call signature (weight, input,
+    target[, bias, ref_input, ref_weight]); DPO with a reference model."""
+    module_path = MODULES[provider]
+    cls = getattr(__import__(module_path, fromlist=["_"]), MODULE_CLASSES[loss][provider == "liger"])
+    mod = cls()
+
+    def run(inputs):
+        h, w, y, rh, rw = inputs
+        out = mod(w, h, y, None, rh, rw) if loss == "dpo" else mod(w, h, y)
+        out[0].backward()
+        return out[0]
+
+    return run
+
+
+@pytest.mark.parametrize("loss", list(MODULE_CLASSES))
+@pytest.mark.parametrize("provider", list(MODULES))
+def bench_liger_module_time(benchmark, record, provider, loss):
+    try:
+        __import__(MODULES[provider])
+    except ImportError:
+        pytest.skip(f"{MODULES[provider]} is not importable")
+    shape_name, shape = next(iter(MODULE_SHAPES.items()))
+    inputs = dpo_inputs(shape)
+    step = module_step(provider, loss)
+    step(inputs)  # Liger's modules compile on their first call
+
+    def fresh():
+        for t in inputs[:2]:
+            t.grad = None
+        return inputs
+
+    run_pedantic(benchmark, step, setup=fresh)
+    median = benchmark.stats.stats.median
+    record(benchmark, shape=f"{shape_name}-{loss}", provider=f"{provider}-{loss}", mode="fwd_bwd", B=shape.B,
+           T=shape.T, H=shape.H, V=shape.V, dtype=shape.dtype, tokens_per_s=shape.N / median)

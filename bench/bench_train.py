@@ -4,9 +4,11 @@ A step: build the batch from token ids and move it to the device, reference forw
 policy forward, sigmoid DPO loss (beta = 0.1, mean over pairs), backward, AdamW step, zero_grad.
 Providers differ only in how log-prob sums reach the loss:
 
-  fastpo           `pack_examples(share_prompt=True)` + `fastpo.trainer.Scorer` (prefix-shared attention,
-                   fused head on the completion rows only) + `fastpo.losses.preference_loss("sigmoid")`
-  fastpo-unshared  the same with `share_prompt=False`: every [p + y_k] its own packed sequence
+  fastpo           the trainer's own step, `fastpo.trainer.Trainer.train_step` (prefix-shared packing, decoder
+                   body and `fused_linear_preference_loss` in one `Scorer`, metrics reduced), head path "auto",
+                   which is pair-fused for DPO
+  fastpo-generic   the same step with `--model.head_path generic` (per-token log-probs, backward recomputes)
+  fastpo-unshared  the trainer's step with `--data.share_prefix false`: every [p + y_k] its own packed sequence
   naive            TRL's `concatenated_forward`: [p + chosen] rows then [p + rejected] rows, right-padded
                    to the longest, the full model forward with materialized [2B, L, V] logits,
                    log_softmax + gather of the completion tokens, the loss written out with F.logsigmoid
@@ -18,7 +20,6 @@ provider. `tokens_per_s` counts the tokens of the separate sequences, sum over p
 (2P + n_chosen + n_rejected); `completion_tokens_per_s` the response tokens alone; `processed_tokens`
 is what the decoder ran (rows x row length, padding included). Peak memory: CUDA
 `max_memory_allocated` above the live models and optimizer state; CPU peak RSS of a fresh subprocess.
-No provider computes the trainer's logging extras (entropy, mean logits): `Scorer(extras=False)`.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from bench.harness import DEVICE, peak_memory_bytes, run_pedantic, synchronize
-from fastpo.data import demo_paths
-from fastpo.losses import PreferenceInputs, preference_loss
+from fastpo import parallel
+from fastpo.build import lr_schedule
+from fastpo.config import from_flat
+from fastpo.data import TokenizedExample, demo_paths
 from fastpo.packing import IGNORE_INDEX, PreferenceExample, pack_examples
-from fastpo.trainer import Scorer
+from fastpo.trainer import Scorer, Trainer, _nll_scale
 
 BETA = 0.1
 
@@ -75,6 +78,10 @@ SHAPES = {
                                prompt_len=64, response_len=32, max_tokens=512),
         "cpu-vocab16k": TrainShape(hidden=128, intermediate=512, layers=2, heads=4, kv_heads=2, vocab=16384,
                                    pairs=8, prompt_len=64, response_len=32, max_tokens=512),
+        # head-dominated: the head's 6-8 NHV per completion token is ~5x the body's FLOPs per token, so the
+        # pair-fused head's saving (one logits GEMM instead of two) shows in the whole step
+        "cpu-head": TrainShape(hidden=64, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=8192, pairs=8,
+                               prompt_len=64, response_len=32, max_tokens=512),
     },
     "cuda": {
         "qwen-0.5b-like": TrainShape(hidden=1024, intermediate=2816, layers=24, heads=16, kv_heads=16,
@@ -120,24 +127,34 @@ def make_models(shape: TrainShape):
 # ----------------------------------------------------------------------------------------------------
 
 
-def pairs_view(x_R: torch.Tensor, batch) -> torch.Tensor:
-    """[R] per-response values -> [G, 2] (responses are numbered example-major, chosen first)."""
-    return x_R.view(batch.num_examples, -1)
+def tokenized(examples) -> list[TokenizedExample]:
+    return [TokenizedExample(list(ex.prompt_ids), [list(r) for r in ex.response_ids], None, i)
+            for i, ex in enumerate(examples)]
 
 
-def fastpo_provider(share_prompt: bool):
+def make_trainer(policy, reference, shape: TrainShape, *, head_path="auto", share_prompt=True) -> Trainer:
+    """A `fastpo.trainer.Trainer` over the shape's examples (one global batch of all of them per step), on
+    DEVICE, one process: the step `python -m fastpo.train` runs, minus data loading."""
+    cfg = from_flat({"data.batch_size": shape.pairs, "data.max_tokens": shape.max_tokens,
+                     "data.share_prefix": share_prompt, "model.head_path": head_path, "optim.lr": 1e-5,
+                     "optim.warmup_steps": 0, "optim.schedule": "constant", "optim.max_grad_norm": 0.0,
+                     "data.pad_token_id": 0, "device": DEVICE, "loss.beta": BETA})
+    world = parallel.World(0, 1, torch.device(DEVICE), None)
+    policy_s = Scorer(policy, path=head_path)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    scheduler = lr_schedule(optimizer, "constant", 0, 1)
+    return Trainer(cfg, world, policy_s, Scorer(reference), optimizer, scheduler, (tokenized(make_examples(shape)), []),
+                   cfg.loss.hparams(), num_steps=1 << 30)
+
+
+def fastpo_provider(head_path: str, share_prompt: bool):
     def build(policy, reference, shape):
-        policy, reference = Scorer(policy, extras=False), Scorer(reference, extras=False)
+        trainer = make_trainer(policy, reference, shape, head_path=head_path, share_prompt=share_prompt)
 
         def loss_fn(examples):
-            batch = pack_examples(examples, max_tokens=shape.max_tokens, share_prompt=share_prompt).to(DEVICE)
-            with torch.no_grad():
-                ref_logps = reference(batch).logp_sum
-            scores = policy(batch)
-            inputs = PreferenceInputs(logps=pairs_view(scores.logp_sum, batch),
-                                      num_tokens=pairs_view(scores.num_tokens.float(), batch),
-                                      ref_logps=pairs_view(ref_logps, batch))
-            return preference_loss("sigmoid", inputs, beta=BETA).losses.mean()
+            examples = tokenized(examples)
+            out, _ = trainer.micro_step(examples, _nll_scale(examples), len(examples))
+            return out.loss
 
         return loss_fn
 
@@ -180,20 +197,26 @@ def naive_provider(policy, reference, shape):
     return loss_fn
 
 
-SHARE_PROMPT = {"fastpo": True, "fastpo-unshared": False}
-PROVIDERS = {**{name: fastpo_provider(share) for name, share in SHARE_PROMPT.items()}, "naive": naive_provider}
+TRAINER_PROVIDERS = {"fastpo": ("auto", True), "fastpo-generic": ("generic", True), "fastpo-unshared": ("auto", False)}
+PROVIDERS = {**{name: fastpo_provider(*args) for name, args in TRAINER_PROVIDERS.items()}, "naive": naive_provider}
 
 
 def processed_tokens(provider: str, shape: TrainShape, examples) -> int:
     """Positions the decoder runs in one policy forward: rows x row length, padding included."""
     if provider == "naive":
         return padded_pairs(examples)["input_ids"].numel()
-    return pack_examples(examples, max_tokens=shape.max_tokens, share_prompt=SHARE_PROMPT[provider]).input_ids.numel()
+    share = TRAINER_PROVIDERS[provider][1]
+    return pack_examples(examples, max_tokens=shape.max_tokens, share_prompt=share).input_ids.numel()
 
 
 def make_step(provider: str, shape: TrainShape):
-    """step() -> detached loss: one optimizer step, on fresh models and a fresh AdamW."""
+    """step() -> detached loss: one optimizer step, on fresh models and a fresh AdamW (fastpo providers: the
+    trainer's `train_step`)."""
     policy, reference = make_models(shape)
+    if provider in TRAINER_PROVIDERS:
+        head_path, share = TRAINER_PROVIDERS[provider]
+        trainer = make_trainer(policy, reference, shape, head_path=head_path, share_prompt=share)
+        return lambda: torch.tensor(trainer.train_step()["loss"])
     loss_fn = PROVIDERS[provider](policy, reference, shape)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
     examples = make_examples(shape)

@@ -67,9 +67,17 @@ def synchronize():
         torch.cuda.synchronize()
 
 
+SMOKE = False
+"""Set by bench/conftest.py for the smoke pass (the default `python -m pytest`): one round, no warmup."""
+
+
 def run_pedantic(benchmark, fn, setup=None, rounds=None):
-    """Time `fn` (synchronized) with a fixed warmup; returns fn's last result."""
+    """Time `fn` (synchronized) with a fixed warmup; returns fn's last result. In the smoke pass one round
+    and no warmup: enough to show that the benchmark runs, too little to measure anything."""
     rounds = rounds or (20 if DEVICE == "cuda" else 3)
+    warmup_rounds = 1
+    if SMOKE:
+        rounds, warmup_rounds = 1, 0
 
     def timed(*args):
         out = fn(*args)
@@ -80,8 +88,8 @@ def run_pedantic(benchmark, fn, setup=None, rounds=None):
         return (setup(),), {}
 
     if setup is None:
-        return benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
-    return benchmark.pedantic(timed, setup=make_args, rounds=rounds, warmup_rounds=1)
+        return benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+    return benchmark.pedantic(timed, setup=make_args, rounds=rounds, warmup_rounds=warmup_rounds)
 
 
 def _rss_bytes() -> int:

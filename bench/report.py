@@ -9,6 +9,7 @@ compared within a case by time ratios (this row's median time / the other's; bel
 
     x_roofline                  every timed row, against the `gemm` provider (the bare LM-head GEMMs)
     vs_naive, vs_liger, vs_trl  fastpo rows only, against the provider of that family in the case
+    vs_generic                  fastpo rows only, against `fastpo-generic` (the generic head path) in the case
 
 A provider's family is its name up to the first "-" (`liger-dpo` -> liger, `naive-padded` -> naive).
 """
@@ -25,6 +26,7 @@ CASE_FIELDS = ("shape", "ratio", "mode")
 """Fields that, with the benchmark, identify a case across providers."""
 LEAD_COLUMNS = ("shape", "ratio", "data", "provider", "mode", "median_ms", "peak_mb")
 ROOFLINE = "gemm"
+GENERIC = "fastpo-generic"
 HEADLINE = ("naive", "liger", "trl")
 """Families that fastpo rows are compared against, one `vs_<family>` column each."""
 RATIO_NOTE = (
@@ -72,6 +74,8 @@ def _with_ratios(row: dict, case_times: dict[str, float]) -> dict:
         row["x_roofline"] = t / case_times[ROOFLINE]
     if family(row.get("provider", "")) != "fastpo":
         return row
+    if GENERIC in case_times and row["provider"] != GENERIC:
+        row["vs_generic"] = t / case_times[GENERIC]
     for fam in HEADLINE:
         other = next((v for p, v in case_times.items() if family(p) == fam), None)
         if other is not None:

@@ -53,6 +53,9 @@ LAYOUT_KWARG = "fastpo_layout"
 BACKEND_KWARG = "fastpo_backend"
 MASK_TOKEN = "hf_mask_token"
 BACKENDS = ("auto", "flash_varlen", "flex", "sdpa", "torch_varlen", "varlen_emulated")
+UNSUPPORTED_KWARGS = ("s_aux", "sinks", "position_bias", "indices", "block_indices")
+"""Attention arguments some families pass (attention sinks, learned biases, sparse indices) that the
+prefix-shared attention does not apply: refused rather than silently ignored."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -298,10 +301,19 @@ def prefix_attention(
         )
     if query.shape[2] != layout.doc.shape[1] or query.shape[0] != layout.doc.shape[0]:
         raise ValueError(f"query {tuple(query.shape)} does not match the layout's [B, L] = {tuple(layout.doc.shape)}")
+    unapplied = [name for name in UNSUPPORTED_KWARGS if kwargs.get(name) is not None]
+    if unapplied:
+        raise NotImplementedError(f"{type(module).__name__} passes {unapplied} to its attention, which the "
+                                  f"prefix-shared attention cannot apply; this model cannot be scored exactly")
     backend = resolve_backend(kwargs.get(BACKEND_KWARG) or "auto", query.device, query.dtype)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    # MLA (DeepSeek-V2/V3, MiniCPM3): value heads narrower than query/key heads. Zero columns of V give zero
+    # output columns, so padding V to D and slicing the output back is exact for every backend.
+    v_dim = value.shape[-1]
+    if v_dim < query.shape[-1]:
+        value = F.pad(value, (0, query.shape[-1] - v_dim))
     out = _BACKEND_FNS[backend](module, query, key, value, layout, scaling, dropout, sliding_window, softcap)
-    return out, None
+    return out[..., :v_dim], None
 
 
 def prefix_mask_builder(*args, attention_mask=None, **kwargs):
@@ -372,11 +384,38 @@ class ResponseScores(NamedTuple):
 
 
 def _head(model):
-    """(LM head, final-logit soft cap or None): the head op applies the cap as the model does (Gemma 2)."""
-    head = model.get_output_embeddings()
-    if head is None or not hasattr(head, "weight"):
-        raise TypeError(f"{type(model).__name__} has no linear LM head (get_output_embeddings() is {head!r})")
-    return head, getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    """The LM head in the op's terms (`fastpo.models.HeadSpec`: weight, bias, the family's logit temperature
+    and final-logit soft cap), so the op applies what the model's own forward applies to its logits. Raises
+    ValueError for a family whose output transform is not verified."""
+    from fastpo.models import lm_head_spec
+
+    return lm_head_spec(model)
+
+
+def completion_hidden(model, batch: PackedBatch, *, backend: str = "auto") -> torch.Tensor:
+    """Run the decoder body of `model` on a packed batch: `[M, H]` hidden states of the rows that predict its
+    completion tokens (`hidden[src_index]`: the last prompt row once per response, so its gradient is the sum
+    over them). Prompt and padding rows never reach the head.
+
+    Calls the decoder with `use_cache=False`, explicit `position_ids` and `layout_mask_token` (no device
+    synchronization in transformers' mask preparation); switches the model to the prefix-shared attention if
+    needed (logged, see `enable_prefix_sharing`).
+    """
+    previous = enable_prefix_sharing(model)
+    if previous != ATTN_IMPLEMENTATION:
+        logger.warning(
+            "fastpo switched %s from attn_implementation=%r to %r; call "
+            "model.set_attn_implementation(%r) to restore it",
+            type(model).__name__, previous, ATTN_IMPLEMENTATION, previous,
+        )  # fmt: skip
+    out = model.get_decoder()(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        attention_mask=layout_mask_token(batch.layout),
+        use_cache=False,
+        **{LAYOUT_KWARG: batch.layout, BACKEND_KWARG: backend},
+    )
+    return out.last_hidden_state.flatten(0, 1).index_select(0, batch.src_index)
 
 
 def score(
@@ -390,40 +429,24 @@ def score(
 ) -> ResponseScores:
     """Run the decoder body of `model` on a packed batch and the fused head on its completion rows.
 
-    model    a transformers causal LM (`get_decoder()` and `get_output_embeddings()`); switched to the
-             prefix-shared attention if needed (logged, see `enable_prefix_sharing`).
+    model    a transformers causal LM (`get_decoder()` and `get_output_embeddings()`).
     batch    `fastpo.packing.PackedBatch` on the model's device (`batch.to(device)`).
     backend  attention backend (module docstring); impl: `fastpo.ops.token_stats` implementation.
 
-    Calls the decoder with `use_cache=False`, explicit `position_ids` and `layout_mask_token` (no device
-    synchronization in transformers' mask preparation). The head sees exactly the M
-    completion rows (`hidden[src_index]`, so the last prompt row is used once per response and its
-    gradient is the sum over them); per-response sums are fp32 `index_add_`. Same path for the policy
-    (with gradient) and the reference model (under `torch.no_grad()`).
+    `completion_hidden`, then the head with the family's output transform (`fastpo.models.lm_head_spec`) and
+    per-response fp32 sums (`fastpo.losses.stats.segment_sum`). Same path for the policy (with gradient) and a
+    reference model (under `torch.no_grad()`). Training goes through `fastpo.trainer.Scorer`, which feeds the
+    same hidden states to `fastpo.losses.fused_linear_preference_loss`.
     """
-    head, softcap = _head(model)
-    previous = enable_prefix_sharing(model)
-    if previous != ATTN_IMPLEMENTATION:
-        logger.warning(
-            "fastpo.score switched %s from attn_implementation=%r to %r; call "
-            "model.set_attn_implementation(%r) to restore it",
-            type(model).__name__, previous, ATTN_IMPLEMENTATION, previous,
-        )  # fmt: skip
-    out = model.get_decoder()(
-        input_ids=batch.input_ids,
-        position_ids=batch.position_ids,
-        attention_mask=layout_mask_token(batch.layout),
-        use_cache=False,
-        **{LAYOUT_KWARG: batch.layout, BACKEND_KWARG: backend},
-    )
-    hidden_BLH = out.last_hidden_state
-    hidden_MH = hidden_BLH.flatten(0, 1).index_select(0, batch.src_index)
+    from fastpo.losses.stats import segment_sum
+
+    head = _head(model)
+    hidden_MH = completion_hidden(model, batch, backend=backend)
     stats = token_stats(
         hidden_MH, head.weight, batch.targets, bias=head.bias, ignore_index=batch.ignore_index,
-        temperature=temperature, softcap=softcap, extras=extras, impl=impl,
+        temperature=temperature * head.temperature, softcap=head.softcap, extras=extras, impl=impl,
     )  # fmt: skip
-    logp_sum = torch.zeros(batch.num_responses, dtype=torch.float32, device=stats.logp.device)
-    logp_sum = logp_sum.index_add(0, batch.token_response, stats.logp.float())
+    logp_sum = segment_sum(stats.logp, batch.token_response, batch.num_responses)
     return ResponseScores(
         logp_sum, batch.response_num_tokens, stats.logp, batch.token_response,
         stats.entropy, stats.log_sum_sq_probs, stats.mean_logits, stats.is_top1,

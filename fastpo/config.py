@@ -77,6 +77,11 @@ class ModelConfig:
     """Prefix-shared attention backend: auto, flash_varlen, flex, sdpa, torch_varlen, varlen_emulated."""
     head_impl: Literal["auto", "triton", "torch"] = "auto"
     """Fused LM-head log-prob implementation: triton (CUDA), torch (chunked, any device), or auto."""
+    head_path: Literal["auto", "generic", "pair_fused"] = "auto"
+    """LM-head path of the training loss: pair_fused (head gradients computed in the forward, chunk by chunk of
+    whole examples: 6NHV) for objectives whose per-example gradient depends on that example only; generic
+    (per-token log-probs, backward recomputes the logits: 8NHV) for any objective; auto picks pair_fused
+    whenever the objectives allow it."""
     activation_checkpointing: bool = False
     """Recompute each decoder block in backward to save activation memory."""
     compile: bool = False
@@ -92,6 +97,7 @@ class ModelConfig:
         _choice("model", self, "dtype", DTYPES)
         _choice("model", self, "attn_backend", ATTN_BACKENDS)
         _choice("model", self, "head_impl", ("auto", "triton", "torch"))
+        _choice("model", self, "head_path", ("auto", "generic", "pair_fused"))
 
     def random_init(self) -> bool:
         """Whether the policy starts from random weights (resolves init="auto" on the local disk)."""
@@ -135,8 +141,13 @@ class DataConfig:
     truncation_mode: Literal["keep_start", "keep_end"] = "keep_start"
     """keep_start: keep the start of prompt + response (cut the prompt's end, then responses' ends);
     keep_end: keep the end (cut the prompt's start). As TRL's truncation_mode."""
+    append_eos: Literal["auto", "always", "never"] = "auto"
+    """EOS after each response. auto (TRL's rule): plain-text responses get it unless they end with it; chat
+    template output stays as rendered (the template ends the turn, e.g. <|im_end|>\\n or <|eot_id|>). always: also
+    template output that does not end with it (trailing whitespace aside). never: no EOS is appended."""
     max_tokens: int = 4096
-    """Token budget of one packed row."""
+    """Token budget of one packed row: prompt + the sum of its responses with --data.share_prefix (prompt +
+    the longest without). Longer examples are cut by --data.truncation_mode when loaded, so packing never cuts."""
     share_prefix: bool = True
     """Pack [prompt, response_1 .. response_K] with the prompt computed once; false packs each
     [prompt + response] as its own sequence."""
@@ -154,10 +165,14 @@ class DataConfig:
         _check(bool(self.dataset), "data.dataset", "a Hub id or a local file", self.dataset)
         _choice("data", self, "format", DATA_FORMATS)
         _choice("data", self, "truncation_mode", ("keep_start", "keep_end"))
+        _choice("data", self, "append_eos", ("auto", "always", "never"))
         _check(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", "a fraction in [0, 1)", self.eval_fraction)
         _positive("data", self, "max_length", "max_prompt_length", "max_completion_length",
                   "max_train_examples", "max_eval_examples", allow_none=True)
         _positive("data", self, "max_tokens", "batch_size")
+        for name in ("max_length", "max_tokens"):  # one prompt token and one response token
+            value = getattr(self, name)
+            _check(value is None or value >= 2, f"data.{name}", "at least 2 tokens", value)
         _check(self.num_workers >= 0, "data.num_workers", "an integer >= 0", self.num_workers)
         if self.max_length is not None and self.max_prompt_length is not None:
             _check(self.max_prompt_length < self.max_length, "data.max_prompt_length",
@@ -297,6 +312,9 @@ class OptimConfig:
     """Final learning rate as a fraction of --optim.lr (cosine and linear)."""
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm; 0 disables."""
+    max_skipped_steps: int = 3
+    """A step with a non-finite loss or gradient norm is skipped (no update; counted in `skipped_steps`); more
+    than this many in a row stop the run, whose last checkpoint is then still a finite resume point."""
     num_epochs: float = 3.0
     """Passes over the training data (fractions allowed), used when --optim.num_steps is none."""
     num_steps: int | None = None
@@ -315,6 +333,7 @@ class OptimConfig:
         _check(self.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", self.warmup_steps)
         _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "a value in [0, 1]", self.min_lr_ratio)
         _check(self.max_grad_norm >= 0, "optim.max_grad_norm", "a value >= 0", self.max_grad_norm)
+        _check(self.max_skipped_steps >= 0, "optim.max_skipped_steps", "an integer >= 0", self.max_skipped_steps)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -322,7 +341,9 @@ class ParallelConfig:
     """FSDP2 data parallelism and mixed precision."""
 
     dp_shard: int = -1
-    """Ranks the weights are sharded over; -1: all ranks of the job."""
+    """Ranks the weights are sharded over; -1: all ranks of the job. Fewer (a divisor of the world size) gives
+    HSDP: each group of dp_shard ranks holds a sharded copy and the copies all-reduce gradients (e.g. one
+    node per copy, so the all-gathers stay inside a node)."""
     param_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Compute dtype of parameters under FSDP; auto: bfloat16 on CUDA, float32 on CPU."""
     reduce_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -348,12 +369,60 @@ class CheckpointConfig:
     """Steps between checkpoints; 0: none during training."""
     resume: str | None = None
     """Resume from a checkpoint: a path, or "latest" for the newest under --checkpoint.dir; None: start fresh."""
-    export_dir: str | None = None
-    """Save the final policy with save_pretrained (and its tokenizer) here; None: no export."""
+    export_dir: str | None = "auto"
+    """Where the trained policy is saved at the end (safetensors + tokenizer + a model card, loadable with
+    from_pretrained; with LoRA the PEFT adapter); auto: <logging.out_dir>/final; none: no export."""
+    keep: int = 0
+    """Keep the newest N resume points under --checkpoint.dir (never the one `latest` names) and delete
+    older ones after each save; 0: keep all."""
+    allow_changes: bool = False
+    """Resume even when run-defining options (model, data, loss, optim, seed ...) differ from those saved in
+    the checkpoint; the differences are logged. Without it such a resume is refused."""
 
     def __post_init__(self):
         _check(bool(self.dir), "checkpoint.dir", "a directory", self.dir)
         _check(self.interval >= 0, "checkpoint.interval", "an integer >= 0", self.interval)
+        _check(self.keep >= 0, "checkpoint.keep", "an integer >= 0", self.keep)
+        _check(self.export_dir is None or bool(self.export_dir), "checkpoint.export_dir", "a directory, auto or none",
+               self.export_dir)
+
+
+@dataclass(kw_only=True, slots=True)
+class LoraConfig:
+    """LoRA / QLoRA adapters (through PEFT). The reference of a reference-based objective is then the policy
+    with its adapters disabled: one copy of the weights."""
+
+    r: int = 0
+    """Adapter rank; 0: full fine-tuning (no adapters)."""
+    alpha: float = 16.0
+    """LoRA alpha (the adapter's update is scaled by alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    target_modules: list[str] = field(default_factory=list)
+    """Module names (or suffixes) that get adapters; empty: every linear layer of the decoder blocks (PEFT's
+    "all-linear", which leaves the LM head out)."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full beside the adapters (e.g. embed_tokens); the LM head and the embeddings stay
+    frozen unless listed here."""
+    init_from: str | None = None
+    """An existing PEFT adapter (a folder saved by save_pretrained) to continue training."""
+    load_in_4bit: bool = False
+    """QLoRA: load the frozen base in 4-bit NF4 with bitsandbytes (bf16 compute); CUDA only."""
+    merge_on_export: bool = False
+    """Also export the base with the adapters merged in, to <export_dir>/merged."""
+
+    def __post_init__(self):
+        _check(self.r >= 0, "lora.r", "an integer >= 0 (0: no adapters)", self.r)
+        _check(self.alpha > 0, "lora.alpha", "a number > 0", self.alpha)
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", "a value in [0, 1)", self.dropout)
+        if not self.enabled:
+            for name in ("init_from", "load_in_4bit", "merge_on_export", "target_modules", "modules_to_save"):
+                _check(not getattr(self, name), f"lora.{name}", "to be unset unless --lora.r > 0 (LoRA is off)",
+                       getattr(self, name))
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -370,8 +439,8 @@ class LoggingConfig:
     """Write TensorBoard events (needs tensorboard)."""
     jsonl: bool = True
     """Append metrics to <out_dir>/metrics.jsonl."""
-    plots: bool = False
-    """Save loss/accuracy/margin plots at the end (needs matplotlib)."""
+    plots: bool | None = None
+    """Save loss/accuracy/margin plots at the end (needs matplotlib); none: on when matplotlib is installed."""
     progress_bar: bool = True
     """Show a tqdm progress bar on rank 0."""
 
@@ -393,6 +462,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     seed: int = 0
     """Seed of initialization, data order and dropout."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -402,6 +472,13 @@ class TrainConfig:
         _choice("", self, "device", ("auto", "cpu", "cuda"))
         if self.optim.lr is None:
             self.optim.lr = 3e-3 if self.model.random_init() else 1e-6
+
+    @property
+    def export_path(self) -> str | None:
+        """--checkpoint.export_dir resolved: auto is <logging.out_dir>/final; None: no export."""
+        if self.checkpoint.export_dir == "auto":
+            return os.path.join(self.logging.out_dir, "final")
+        return self.checkpoint.export_dir
 
 
 def needs_reference(loss_name: str) -> bool:
@@ -434,6 +511,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.loss.reference_free and cfg.ref.precompute:
         raise ValueError(f"--ref.precompute is set, but loss {cfg.loss.losses()} is reference-free")
     _check_trainer_support(cfg)
+    _check_head_path(cfg)
     _check_weighting(cfg)
     _check_unpaired(cfg)
     if cfg.data.format != "auto":
@@ -456,6 +534,17 @@ def _check_trainer_support(cfg: TrainConfig) -> None:
         raise ValueError(f"--loss.name {multi}: needs the log-probs of several reference models ([M, G, K]); "
                          "the trainer scores one reference (--ref.name); use "
                          "fastpo.losses.fused_linear_preference_loss(..., ref_logps=<[M, R] sums>)")
+
+
+def _check_head_path(cfg: TrainConfig) -> None:
+    """--model.head_path pair_fused needs objectives whose per-example gradient depends on that example only."""
+    from fastpo.losses import resolve_path
+
+    try:
+        resolve_path(cfg.model.head_path, cfg.loss.losses(), True)
+    except ValueError as e:
+        raise ValueError(f"--model.head_path={cfg.model.head_path} with --loss {cfg.loss.losses()}: {e}; use "
+                         "--model.head_path auto or generic") from None
 
 
 def _check_weighting(cfg: TrainConfig) -> None:
@@ -493,9 +582,14 @@ def _check_unpaired(cfg: TrainConfig) -> None:
 
 
 def check_data_format(cfg: TrainConfig, fmt: str) -> None:
-    """Unpaired objectives need unpaired rows (format "kto") and the other objectives paired or ranked
-    rows. `fmt` is --data.format, or the format detected from the data (checked again after loading)."""
-    if (fmt == "kto") == cfg.loss.unpaired:
+    """Unpaired objectives take unpaired rows (format "kto") or pairs (`fastpo.data.PAIRED_FORMATS`, which the
+    data layer unpairs into a desirable and an undesirable example, as TRL's KTOTrainer); the other objectives
+    take paired or ranked rows. `fmt` is --data.format, or the format detected from the data (checked again
+    after loading)."""
+    from fastpo.data import PAIRED_FORMATS
+
+    accepted = ("kto", *PAIRED_FORMATS) if cfg.loss.unpaired else tuple(f for f in DATA_FORMATS if f != "kto")
+    if fmt in accepted or fmt == "auto":
         return
     where = f"--data.format={fmt}" if cfg.data.format != "auto" else \
         f"--data.dataset={cfg.data.dataset!r} (detected format {fmt!r})"
@@ -503,8 +597,8 @@ def check_data_format(cfg: TrainConfig, fmt: str) -> None:
         raise ValueError(f"{where} gives unpaired rows (prompt, completion, label); --loss.name must be one of "
                          f"the unpaired objectives {_unpaired_names()}, got {cfg.loss.losses()}")
     raise ValueError(f"--loss.name {cfg.loss.losses()} is unpaired (one response with a desirable/undesirable "
-                     f"label per example) and needs --data.format kto rows (prompt, completion, label); {where} "
-                     "gives paired or ranked examples")
+                     f"label per example) and takes kto rows (prompt, completion, label) or pairs "
+                     f"({', '.join(PAIRED_FORMATS)}), which are unpaired; {where} gives ranked lists of K responses")
 
 
 def _check_hparams_used(loss: LossConfig) -> None:
@@ -529,6 +623,16 @@ def _check_device(cfg: TrainConfig) -> None:
         raise ValueError("--model.liger_kernels needs CUDA; drop it on CPU")
     if cfg.model.head_impl == "triton" and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("--model.head_impl=triton needs CUDA (or TRITON_INTERPRET=1); use auto or torch")
+    if cfg.lora.load_in_4bit:
+        if not on_cuda:
+            raise ValueError("--lora.load_in_4bit (QLoRA) needs CUDA: bitsandbytes' 4-bit weights run on the GPU; "
+                             "use plain LoRA (--lora.r) on CPU")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("--lora.load_in_4bit (QLoRA) runs on one GPU: FSDP cannot shard bitsandbytes' 4-bit "
+                             "weights here; use plain LoRA (--lora.r) across GPUs")
+        if cfg.model.random_init():
+            raise ValueError(f"--lora.load_in_4bit quantizes pretrained weights, but --model.name {cfg.model.name} "
+                             "has none (random init)")
 
 
 # ----------------------------------------------------------------------------------------------------

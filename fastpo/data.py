@@ -1,6 +1,8 @@
 """Preference data: load (Hub ids, local json/jsonl/parquet), normalize formats, tokenize, truncate.
 
-    train, eval, report = load_preference_dataset(cfg.data, tokenizer)
+    check_data_files(cfg.data)   # preflight, before the model is built: local files readable, UTF-8, with rows
+    train, eval, report = load_preference_dataset(cfg.data, tokenizer, unpaired=cfg.loss.unpaired)
+    check_token_ids(train + eval, vocab_size, tokenizer_source, model_source)
 
 Formats (`DataConfig.format`, "auto" detects them from the columns):
 
@@ -15,27 +17,53 @@ Formats (`DataConfig.format`, "auto" detects them from the columns):
 |            | completions + ranks (1 = best) or scores (high = best)  |                                             |
 | kto        | prompt, completion, label (bool)                        | one response, label = desirable             |
 
-A prompt or response that is a message list goes through `tokenizer.apply_chat_template`; the response is
-the text the full conversation adds after the prompt rendered with `add_generation_prompt=True`.
+Local .json/.jsonl files are parsed with Python's json module: datasets' JSON builder stores a column whose
+rows mix types as JSON and reads numeric strings back as numbers ("019" -> 19), and text must stay as written.
+Text columns (`TEXT_COLUMNS`, message contents included) read a JSON number as its literal text (1.50 -> "1.50").
+Every column holds one kind of value in all rows; a file mixing formats (say plain strings and message lists)
+is refused with the rows that disagree.
 
-Tokenization: the prompt and each response are tokenized separately (the prompt with the tokenizer's
-special tokens, e.g. BOS, unless it came from a chat template; responses without) and EOS is appended to
-each response, so `prompt_ids + response_ids[k]` is exactly the sequence trained on.
+Unpaired objectives (KTO; `load_preference_dataset(..., unpaired=True)`) read kto rows as they are and split
+each pair of the paired formats (preference, chat, hh) into a desirable example (chosen, label True) and an
+undesirable one (rejected, label False), as TRL's `unpair_preference_dataset`; both keep the row's index.
 
-Truncation, in this order (each counted in `DataReport.truncated` once per example):
+Tokenization follows TRL's DPOTrainer (KTOTrainer for unpaired examples), so the token ids are TRL's: the prompt
+is tokenized alone and followed by each response (plain text with the tokenizer's special tokens, e.g. BOS;
+message lists through the chat template, the prompt with the generation prompt), and the responses start where
+the prompt alone and prompt + response first differ (the earliest point over the responses). Prompt tokens past
+that point (a merge across the boundary, or a template that renders a
+prompt alone differently) are left out, as TRL does, and counted as truncation "prompt_boundary". EOS follows
+`DataConfig.append_eos`: "auto" (TRL's rule) appends it to plain-text responses that do not already end with it
+and keeps template output as rendered, since the template ends the turn itself (`<|im_end|>\n`, `<|eot_id|>`);
+"always" also appends it to template output that does not end with it (trailing whitespace aside); "never"
+appends nothing.
+
+Truncation, in this order (`truncate`; each counted in `DataReport.truncated` once per kept example):
 1. "prompt": the prompt to `max_prompt_length`, keeping its start (keep_start) or end (keep_end);
 2. "completion": each response to `max_completion_length`, keeping its first tokens;
-3. "length": prompt + longest response to `max_length`: keep_start cuts responses (then the prompt's
-   end), keep_end cuts the prompt's start (keeping at least one prompt token), then responses.
-Filtered examples are counted per reason in `DataReport.filtered`: "malformed" (missing or mistyped
-values, a chat without a response turn), "too_few_responses", "empty_prompt", "empty_response" (no
-tokens before EOS, or none left after truncation) and "identical_responses".
+3. "length": prompt + longest response to `max_length`: keep_start keeps the prompt's first tokens and cuts the
+   responses to the room left; keep_end cuts the prompt's start (keeping at least one token), then responses;
+4. "max_tokens": the packed-row budget `max_tokens`, prompt + the sum of the responses with `share_prefix`
+   (prompt + the longest without), by rule 3 with all responses cut to one common length. Every example that
+   leaves this module fits a packed row, so the packer never cuts.
+
+Dropped examples are counted in `DataReport.filtered`, one reason each: "malformed" (missing or mistyped
+values, a chat without a response turn), "too_few_responses" (fewer than 2 in a ranked row), "empty_prompt" (no
+prompt token), "empty_response" (an empty response, or one without tokens of its own), "prompt_too_long"
+(keep_start: the prompt fills `max_length`), "exceeds_max_tokens" (rule 4 leaves a response no token) and
+"identical_responses" (equal token ids after truncation).
+
+HH transcripts split on the last "\n\nAssistant:" of their common prefix (as TRL's script that built
+trl-lib/hh-rlhf-helpful-base does), where TRL's `extract_prompt` splits at the first character that differs.
+When the two answers differ from their first character (the usual case) the ids are the same; when they share
+a start, the sequence is the same and only the prompt/response boundary differs.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -49,8 +77,15 @@ FORMATS = {
     "ranked": "prompt + responses (best first), or prompt + completions + ranks|scores",
     "kto": "prompt, completion, label",
 }
+PAIRED_FORMATS = ("preference", "chat", "hh")
+"""Formats with one chosen/rejected pair per row: unpaired objectives unpair them."""
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+TEXT_COLUMNS = ("prompt", "chosen", "rejected", "completion", "responses", "completions")
+"""Columns of text (strings or message lists): a JSON number in them is read as its literal text."""
 HH_TURN = "\n\nAssistant:"
+OVER_BUDGET = {"length": "prompt_too_long", "max_tokens": "exceeds_max_tokens"}
+"""Filter reason of a truncation rule that leaves a response no token."""
+MAX_LISTED_ROWS = 5
 
 
 class DemoPaths(NamedTuple):
@@ -74,54 +109,78 @@ class TokenizedExample:
     prompt_ids: list[int]
     """Prompt tokens (with the tokenizer's BOS when it adds one)."""
     response_ids: list[list[int]]
-    """Response tokens, best first ([chosen, rejected] for pairs; one response for KTO), each ending in EOS
-    unless truncated."""
+    """Response tokens, best first ([chosen, rejected] for pairs; one response for KTO), ending as
+    `DataConfig.append_eos` says unless truncated."""
     label: bool | None = None
     """KTO: whether the single response is desirable; None for ranked/paired data."""
     source_index: int = -1
-    """Row index in the loaded split, for tracing an example back to its data."""
+    """Row index in the loaded split, for tracing an example back to its data (both examples of an unpaired
+    pair carry their row's index)."""
 
 
 @dataclass
 class DataReport:
-    """What loading kept, cut and dropped; printed by the trainer."""
+    """What loading kept, cut and dropped; printed by the trainer. Counts are per example and exact: a row
+    gives one example (two when unpaired), each kept or dropped for one reason, so the kept examples of all
+    splits plus all drops equal the rows (twice the rows when unpaired)."""
 
     format: str = ""
     """The data format used (detected when --data.format is auto)."""
     num_rows: dict[str, int] = field(default_factory=dict)
     """Rows read per split ("train", "eval")."""
+    unpaired: dict[str, int] = field(default_factory=dict)
+    """Pairs split into a desirable and an undesirable example, per split (unpaired objectives on pairs)."""
     num_examples: dict[str, int] = field(default_factory=dict)
     """Examples kept per split."""
     truncated: Counter = field(default_factory=Counter)
-    """Truncated examples per rule: prompt, completion, length."""
+    """Kept examples per truncation rule: prompt_boundary, prompt, completion, length, max_tokens."""
     filtered: Counter = field(default_factory=Counter)
     """Dropped examples per reason: malformed, too_few_responses, empty_prompt, empty_response,
-    identical_responses."""
+    prompt_too_long, exceeds_max_tokens, identical_responses."""
 
     def __str__(self) -> str:
         rows = ", ".join(f"{k} {v}" for k, v in self.num_rows.items())
+        pairs = "".join(f"; unpaired {k} {v} pairs into {2 * v} examples" for k, v in self.unpaired.items())
         kept = ", ".join(f"{k} {v}" for k, v in self.num_examples.items())
         cut = ", ".join(f"{k} {v}" for k, v in sorted(self.truncated.items())) or "none"
         dropped = ", ".join(f"{k} {v}" for k, v in sorted(self.filtered.items())) or "none"
-        return f"data [{self.format}]: rows {rows}; kept {kept}; truncated: {cut}; filtered: {dropped}"
+        return f"data [{self.format}]: rows {rows}{pairs}; kept {kept}; truncated: {cut}; filtered: {dropped}"
 
 
 def load_preference_dataset(
-    cfg: DataConfig, tokenizer
+    cfg: DataConfig, tokenizer, *, unpaired: bool = False
 ) -> tuple[list[TokenizedExample], list[TokenizedExample], DataReport]:
-    """Load, normalize, tokenize and truncate `cfg.dataset` (and its eval part). Raises ValueError on an
-    unknown dataset, missing columns or an empty training set after filtering."""
+    """Load, normalize, tokenize and truncate `cfg.dataset` (and its eval part); `unpaired` (the objective's
+    trait) splits pairs into labelled examples. Raises ValueError on an unknown dataset, unreadable or mixed
+    rows, missing columns or an empty training set after filtering."""
+    if cfg.append_eos == "always" and tokenizer.eos_token is None:
+        raise ValueError("--data.append_eos=always: the tokenizer has no EOS token (tokenizer.eos_token is None)")
     train_ds, eval_ds = load_splits(cfg)
     fmt = cfg.format if cfg.format != "auto" else detect_format(train_ds, cfg.dataset)
     check_columns(train_ds.column_names, fmt, cfg.dataset)
     if eval_ds is not None:
         check_columns(eval_ds.column_names, fmt, cfg.eval_dataset or cfg.dataset)
     report = DataReport(format=fmt)
-    train = tokenize_split(train_ds, fmt, tokenizer, cfg, report, "train")
-    evals = tokenize_split(eval_ds, fmt, tokenizer, cfg, report, "eval") if eval_ds is not None else []
+    unpair = unpaired and fmt in PAIRED_FORMATS
+    train = tokenize_split(train_ds, fmt, tokenizer, cfg, report, "train", unpair=unpair)
+    evals = tokenize_split(eval_ds, fmt, tokenizer, cfg, report, "eval", unpair=unpair) if eval_ds is not None else []
     if not train:
         raise ValueError(f"no training examples left from {cfg.dataset!r} after filtering ({report})")
     return train, evals, report
+
+
+def check_token_ids(examples, vocab_size: int, tokenizer_source: str, model_source: str) -> None:
+    """Raise when a token id is outside the model's embedding (a tokenizer of another model): the embedding
+    lookup would fail on the device with an opaque index error, or read another row on some kernels."""
+    largest, row = -1, -1
+    for ex in examples:
+        top = max((t for ids in (ex.prompt_ids, *ex.response_ids) for t in ids), default=-1)
+        if top > largest:
+            largest, row = top, ex.source_index
+    if largest >= vocab_size:
+        raise ValueError(f"token id {largest} (row {row}) from tokenizer {tokenizer_source!r} is outside the "
+                         f"embedding of model {model_source!r}, which has {vocab_size} rows (ids 0..{vocab_size - 1})"
+                         "; use the model's own tokenizer (--model.tokenizer)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -129,26 +188,191 @@ def load_preference_dataset(
 # ----------------------------------------------------------------------------------------------------
 
 
-def load_raw(source: str, config_name: str | None = None):
-    """A Hub id or a local file/directory -> `datasets.DatasetDict`; ValueError with the source on failure."""
-    import datasets
+def check_data_files(cfg: DataConfig) -> None:
+    """Preflight, before the model is built: every local data file (--data.dataset, --data.eval_dataset) exists,
+    has a supported extension, decodes and has rows; errors name the file and the row. Hub ids are checked
+    when loaded."""
+    for source in (cfg.dataset, cfg.eval_dataset):
+        path = local_path(source) if source is not None else None
+        if path is not None and path.is_file():
+            read_local_file(path)
 
+
+def local_path(source: str) -> Path | None:
+    """The local file or directory `source` names, None for a Hub id; ValueError if a path-like source is
+    missing or has an unsupported extension."""
     path = Path(source).expanduser()
     local = path.exists() or path.suffix in LOCAL_BUILDERS or source.startswith((".", "/", "~"))
-    if local and not path.exists():
+    if not local:
+        return None
+    if not path.exists():
         raise ValueError(f"dataset file {source!r} does not exist (expected a Hub id or a local "
                          f".json/.jsonl/.parquet file)")
     if path.is_file() and path.suffix not in LOCAL_BUILDERS:
         raise ValueError(f"dataset file {source!r}: unsupported extension {path.suffix!r}; "
                          f"expected one of {sorted(LOCAL_BUILDERS)}")
+    return path
+
+
+def read_local_file(path: Path):
+    """A local .json/.jsonl/.parquet file -> `datasets.Dataset`, with at least one row."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    if LOCAL_BUILDERS[path.suffix] == "json":
+        return rows_to_dataset(read_json_rows(path), str(path))
     try:
-        if path.is_file():
-            return datasets.load_dataset(LOCAL_BUILDERS[path.suffix], data_files=str(path))
-        return datasets.load_dataset(str(path) if local else source, name=config_name)
+        ds = datasets.Dataset.from_parquet(str(path)) if pq.ParquetFile(path).metadata.num_rows else None
+    except Exception as e:  # pyarrow raises several types (ArrowInvalid, OSError, ...)
+        raise ValueError(f"dataset file {str(path)!r}: cannot read it as parquet: {type(e).__name__}: {e}") from e
+    if ds is None:
+        raise ValueError(f"dataset file {str(path)!r} has no rows")
+    check_column_types(ds, str(path))
+    return ds
+
+
+def read_json_rows(path: Path) -> list[dict]:
+    """The rows of a .json (an array of objects, or one object per line) or .jsonl file, values as written."""
+    name = str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"dataset file {name!r} cannot be read: {e}") from e
+    text = _decode_utf8(data, name).removeprefix("\ufeff")
+    rows = _json_array(text, name) if text.lstrip().startswith("[") else _json_lines(text, name)
+    if not rows:
+        raise ValueError(f"dataset file {name!r} has no rows")
+    return rows
+
+
+def _decode_utf8(data: bytes, name: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"dataset file {name!r} is not UTF-8: byte {data[e.start]:#04x} at line {line} (byte offset "
+                         f"{e.start}); re-encode the file as UTF-8") from None
+
+
+def _json_lines(text: str, name: str) -> list[dict]:
+    rows = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = _parse_json(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"dataset file {name!r} line {lineno} (row {len(rows)}): invalid JSON, {e.msg} at "
+                             f"column {e.colno}") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"dataset file {name!r} line {lineno} (row {len(rows)}): expected a JSON object, "
+                             f"got {value_kind(row)}")
+        rows.append(row)
+    return rows
+
+
+def _json_array(text: str, name: str) -> list[dict]:
+    try:
+        rows = _parse_json(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"dataset file {name!r}: invalid JSON, {e.msg} at line {e.lineno} column {e.colno}") from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"dataset file {name!r} row {i}: expected a JSON object, got {value_kind(row)}")
+    return rows
+
+
+class _JsonNumber(str):
+    """The literal text of a JSON number: text in `TEXT_COLUMNS`, a number elsewhere (`_resolve_numbers`)."""
+
+
+def _parse_json(text: str):
+    return json.loads(text, parse_int=_JsonNumber, parse_float=_JsonNumber)
+
+
+def _resolve_numbers(value, as_text: bool):
+    if isinstance(value, _JsonNumber):
+        return str(value) if as_text else json.loads(value)
+    if isinstance(value, list):
+        return [_resolve_numbers(v, as_text) for v in value]
+    if isinstance(value, dict):
+        return {k: _resolve_numbers(v, as_text) for k, v in value.items()}
+    return value
+
+
+def rows_to_dataset(rows: list[dict], source: str):
+    """`datasets.Dataset` of JSON rows: one column per key of any row (None where a row lacks it), each column
+    holding one kind of value."""
+    import datasets
+
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    columns = {k: [_resolve_numbers(row.get(k), k in TEXT_COLUMNS) for row in rows] for k in names}
+    for k, values in columns.items():
+        check_one_kind(values, k, source)
+    try:
+        return datasets.Dataset.from_dict(columns)
+    except Exception as e:  # pyarrow: ArrowInvalid, ArrowTypeError
+        raise ValueError(f"dataset {source!r}: cannot store its rows: {type(e).__name__}: {e}") from e
+
+
+def value_kind(value) -> str | None:
+    """The kind of a JSON value that tells formats apart: "string", "message list", "list of strings", ...;
+    None for null and an empty list, which fit any kind."""
+    if value is None or (isinstance(value, list) and not value):
+        return None
+    if isinstance(value, list):
+        if _is_messages(value):
+            return "message list"
+        kinds = {value_kind(v) for v in value}
+        if len(kinds) > 1 or None in kinds:
+            return "list"
+        kind = kinds.pop()
+        return "list of lists" if kind.startswith("list") else f"list of {kind}s"
+    kinds = ((bool, "boolean"), ((int, float, _JsonNumber), "number"), (str, "string"), (dict, "object"))
+    return next((name for types, name in kinds if isinstance(value, types)), type(value).__name__)
+
+
+def check_one_kind(values, column: str, source: str) -> None:
+    """Raise, listing rows, when the values of a column are of more than one kind (mixed formats)."""
+    rows = defaultdict(list)
+    for i, v in enumerate(values):
+        kind = value_kind(v)
+        if kind is not None:
+            rows[kind].append(i)
+    if len(rows) > 1:
+        parts = ", ".join(f"{k} in rows {r[:MAX_LISTED_ROWS]}{' ...' if len(r) > MAX_LISTED_ROWS else ''} "
+                          f"({len(r)} rows)" for k, r in sorted(rows.items(), key=lambda kv: -len(kv[1])))
+        raise ValueError(f"dataset {source!r}: column {column!r} mixes kinds of values: {parts}; every row must "
+                         "use the same format")
+
+
+def check_column_types(ds, source: str) -> None:
+    """datasets stores a column whose rows mix types as JSON (and reads numeric strings back as numbers):
+    refuse such columns, listing the rows, as `rows_to_dataset` does for local JSON."""
+    import datasets
+
+    for name, feature in ds.features.items():
+        if isinstance(feature, datasets.Json) or isinstance(getattr(feature, "feature", None), datasets.Json):
+            check_one_kind(ds[name], name, source)
+
+
+def load_raw(source: str, config_name: str | None = None):
+    """A Hub id or a local file/directory -> `datasets.DatasetDict` (a file through `read_local_file`, the rest
+    through datasets); ValueError with the source on failure."""
+    import datasets
+
+    path = local_path(source)
+    if path is not None and path.is_file():
+        return datasets.DatasetDict({"train": read_local_file(path)})
+    try:
+        raw = datasets.load_dataset(str(path) if path is not None else source, name=config_name)
     except Exception as e:  # datasets raises many types (DatasetNotFoundError, FileNotFoundError, ...)
-        where = "local directory" if local else "Hugging Face Hub dataset"
+        where = "local directory" if path is not None else "Hugging Face Hub dataset"
         raise ValueError(f"could not load {where} {source!r}: {type(e).__name__}: {e}. Expected a Hub "
                          "dataset id or a local .json/.jsonl/.parquet file") from e
+    for split, ds in raw.items():
+        check_column_types(ds, f"{source}[{split}]")
+    return raw
 
 
 def load_splits(cfg: DataConfig):
@@ -159,6 +383,8 @@ def load_splits(cfg: DataConfig):
         raise ValueError(f"dataset {cfg.dataset!r} has no split {cfg.train_split!r} (--data.train_split); "
                          f"its splits: {list(raw)}")
     train = raw[cfg.train_split]
+    if len(train) == 0:
+        raise ValueError(f"dataset {cfg.dataset!r} split {cfg.train_split!r} has no rows")
     eval_source = cfg.eval_dataset
     if eval_source is None and os.path.abspath(cfg.dataset) == os.path.abspath(DEMO_TRAIN):
         eval_source = DEMO_EVAL
@@ -186,19 +412,25 @@ def load_splits(cfg: DataConfig):
 
 
 def _is_messages(value) -> bool:
-    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    )
+
+
+def _first_value(ds, column: str):
+    return next((v for v in ds[column] if v is not None), None) if column in ds.column_names else None
 
 
 def detect_format(ds, source: str = "") -> str:
-    """The format of a `datasets.Dataset` from its columns (and the type of the first row's values)."""
+    """The format of a `datasets.Dataset` from its columns (and, for pairs, the kind of their values, one kind
+    per column)."""
     cols = set(ds.column_names)
     if {"prompt", "completion", "label"} <= cols:
         return "kto"
     if "prompt" in cols and ("responses" in cols or ("completions" in cols and cols & {"ranks", "scores"})):
         return "ranked"
     if {"chosen", "rejected"} <= cols:
-        first = ds[0] if len(ds) else {}
-        if any(_is_messages(first.get(k)) for k in ("prompt", "chosen", "rejected")):
+        if any(_is_messages(_first_value(ds, k)) for k in ("chosen", "rejected", "prompt")):
             return "chat"
         return "preference" if "prompt" in cols else "hh"
     raise ValueError(_columns_error(source, cols, "cannot detect the data format"))
@@ -295,114 +527,194 @@ def _chat_pair(prompt, chosen, rejected):
 # ----------------------------------------------------------------------------------------------------
 
 
-def render_chat(tokenizer, prompt, response) -> tuple[str, str]:
-    """(prompt text, response text) through the chat template; a string side is a single user/assistant turn."""
-    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    response = [{"role": "assistant", "content": response}] if isinstance(response, str) else list(response)
-    if not response:
-        raise Malformed("no response turn")
+class Outcome(NamedTuple):
+    """What became of one example: kept (`example`) or dropped (`status` is the filter reason)."""
+
+    example: TokenizedExample | None
+    status: str
+    """Either "ok" or a `DataReport.filtered` reason."""
+    rules: list[str]
+    """Truncation rules applied to a kept example."""
+
+
+def render_chat(tokenizer, prompt, responses) -> tuple[str, list[str]]:
+    """(prompt text with the generation prompt, [prompt + response_k conversation text]) through the chat
+    template; a string side is a single user/assistant turn."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("chat-format data needs a tokenizer with a chat template (tokenizer.chat_template is None)")
-    full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
-    for add_generation_prompt in (True, False):
-        head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=add_generation_prompt)
-        if full.startswith(head):
-            return head, full[len(head):]
-    raise Malformed("the chat template does not render the prompt as a prefix of the conversation")
+    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    turns = [[{"role": "assistant", "content": r}] if isinstance(r, str) else list(r) for r in responses]
+    if not all(map(_is_messages, [prompt, *turns])) or not all(turns):
+        raise Malformed("messages, or no response turn")
+    head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return head, [tokenizer.apply_chat_template(prompt + t, tokenize=False) for t in turns]
 
 
-def tokenize_example(row: dict, fmt: str, tokenizer, cfg: DataConfig) -> tuple[TokenizedExample | None, str, list[str]]:
-    """One row -> (example or None, status "ok" or a filter reason, truncation rules applied)."""
-    try:
-        prompt, responses, label = normalize(row, fmt)
-        ids = _tokenize(tokenizer, prompt, responses)
-    except (Malformed, KeyError, TypeError, IndexError):
-        return None, "malformed", []
-    prompt_ids, response_ids = ids
-    if fmt != "kto" and len(response_ids) < 2:
-        return None, "too_few_responses", []
-    if any(len(r) == 0 for r in response_ids):
-        return None, "empty_response", []
-    eos = tokenizer.eos_token_id
-    if eos is not None:
-        response_ids = [r if r[-1] == eos else r + [eos] for r in response_ids]
-    prompt_ids, response_ids, rules = truncate(prompt_ids, response_ids, cfg)
-    if not prompt_ids:
-        return None, "empty_prompt", rules
-    if any(len(r) == 0 for r in response_ids):
-        return None, "empty_response", rules
-    if len({tuple(r) for r in response_ids}) < len(response_ids):
-        return None, "identical_responses", rules
-    return TokenizedExample(prompt_ids, response_ids, label), "ok", rules
+def eos_suffix(text: str, eos: str | None, mode: str, chat: bool) -> str:
+    """The EOS text to append to a rendered prompt + response, by `DataConfig.append_eos` (module docstring)."""
+    if eos is None or mode == "never" or (mode == "auto" and chat):
+        return ""
+    done = text.endswith(eos) if mode == "auto" else text.rstrip().endswith(eos)
+    return "" if done else eos
 
 
-def _tokenize(tokenizer, prompt, responses) -> tuple[list[int], list[list[int]]]:
+def encode(tokenizer, prompt, responses, append_eos: str = "auto") -> tuple[list[int], list[list[int]], bool]:
+    """(prompt ids, response ids, whether prompt tokens were left out at the boundary), as TRL tokenizes: the
+    prompt alone and prompt + each response, the responses starting where all of them leave the prompt."""
     if not isinstance(prompt, (str, list)) or not all(isinstance(r, (str, list)) for r in responses):
         raise Malformed("types")
     chat = isinstance(prompt, list) or any(isinstance(r, list) for r in responses)
-    if not chat:
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        return prompt_ids, [tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
-    rendered = [render_chat(tokenizer, prompt, r) for r in responses]
-    prompt_ids = tokenizer(rendered[0][0], add_special_tokens=False)["input_ids"]
-    return prompt_ids, [tokenizer(text, add_special_tokens=False)["input_ids"] for _, text in rendered]
+    if chat:
+        prompt_text, texts = render_chat(tokenizer, prompt, responses)
+    else:
+        prompt_text, texts = prompt, [prompt + r for r in responses]
+    texts = [t + eos_suffix(t, tokenizer.eos_token, append_eos, chat) for t in texts]
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=not chat)["input_ids"]
+    full_ids = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
+    n = min(_common_prefix(prompt_ids, f) for f in full_ids)
+    return prompt_ids[:n], [f[n:] for f in full_ids], n < len(prompt_ids)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def truncate(prompt_ids: list[int], response_ids: list[list[int]], cfg: DataConfig):
-    """Apply the three truncation rules (module docstring); returns (prompt, responses, rules applied)."""
-    rules = []
+    """Apply the four truncation rules (module docstring); returns (prompt, responses, rules applied). A rule
+    that leaves a response no token is the last applied (`OVER_BUDGET` names the filter reason)."""
     keep_start = cfg.truncation_mode == "keep_start"
+    prompt, responses, rules = list(prompt_ids), [list(r) for r in response_ids], []
     m = cfg.max_prompt_length
-    if m is not None and len(prompt_ids) > m:
-        prompt_ids = prompt_ids[:m] if keep_start else prompt_ids[-m:]
+    if m is not None and len(prompt) > m:
+        prompt = prompt[:m] if keep_start else prompt[-m:]
         rules.append("prompt")
     m = cfg.max_completion_length
-    if m is not None and any(len(r) > m for r in response_ids):
-        response_ids = [r[:m] for r in response_ids]
+    if m is not None and any(len(r) > m for r in responses):
+        responses = [r[:m] for r in responses]
         rules.append("completion")
-    m = cfg.max_length
-    longest = max(len(r) for r in response_ids)
-    if m is not None and len(prompt_ids) + longest > m:
-        if not keep_start:
-            prompt_ids = prompt_ids[-max(m - longest, 1):]
-        prompt_ids = prompt_ids[:m]
-        response_ids = [r[: m - len(prompt_ids)] for r in response_ids]
-        rules.append("length")
-    return prompt_ids, response_ids, rules
+    budgets = (("length", cfg.max_length, False), ("max_tokens", cfg.max_tokens, cfg.share_prefix))
+    for rule, budget, shared in budgets:
+        if budget is not None and len(prompt) + _cost(responses, shared) > budget:
+            prompt, responses = _fit(prompt, responses, budget, shared, keep_start)
+            rules.append(rule)
+            if not all(responses):
+                break
+    return prompt, responses, rules
 
 
-def tokenize_split(ds, fmt: str, tokenizer, cfg: DataConfig, report: DataReport, split: str) -> list[TokenizedExample]:
-    """Tokenize a split (in `cfg.num_workers` processes when > 0), counting truncations and filters."""
+def _cost(responses: list[list[int]], shared: bool) -> int:
+    """Response tokens in a packed row: all of them with a shared prompt, else the longest [prompt + response]."""
+    return sum(map(len, responses)) if shared else max(map(len, responses))
+
+
+def _fit(prompt, responses, budget: int, shared: bool, keep_start: bool):
+    """Cut prompt + responses to `budget` (`_cost`): keep_start keeps the prompt's start, keep_end its end (at
+    least one token); the responses are then cut to the longest common length that fits the room left."""
+    prompt = prompt[:budget] if keep_start else prompt[-max(budget - _cost(responses, shared), 1):]
+    cap = _response_cap([len(r) for r in responses], budget - len(prompt), shared)
+    return prompt, [r[:cap] for r in responses]
+
+
+def _response_cap(lengths: list[int], room: int, shared: bool) -> int:
+    """The largest c with sum_k min(n_k, c) <= room (shared) or c <= room (one response per sequence)."""
+    if not shared:
+        return room
+    left = room
+    for i, n in enumerate(sorted(lengths)):
+        if n * (len(lengths) - i) > left:
+            return left // (len(lengths) - i)
+        left -= n
+    return room
+
+
+def tokenize_example(prompt, responses: list, label: bool | None, tokenizer, cfg: DataConfig) -> Outcome:
+    """A normalized example -> its `Outcome` (kept, truncated, or dropped with its one reason)."""
+    if label is None and len(responses) < 2:
+        return Outcome(None, "too_few_responses", [])
+    if any(r == "" for r in responses):
+        return Outcome(None, "empty_response", [])
+    try:
+        prompt_ids, response_ids, boundary = encode(tokenizer, prompt, responses, cfg.append_eos)
+    except Malformed:
+        return Outcome(None, "malformed", [])
+    if not prompt_ids:
+        return Outcome(None, "empty_prompt", [])
+    if not all(response_ids):
+        return Outcome(None, "empty_response", [])
+    prompt_ids, response_ids, rules = truncate(prompt_ids, response_ids, cfg)
+    if not all(response_ids):
+        return Outcome(None, OVER_BUDGET[rules[-1]], [])
+    if len({tuple(r) for r in response_ids}) < len(response_ids):
+        return Outcome(None, "identical_responses", [])
+    return Outcome(TokenizedExample(prompt_ids, response_ids, label), "ok", ["prompt_boundary"] * boundary + rules)
+
+
+def tokenize_row(row: dict, fmt: str, tokenizer, cfg: DataConfig, unpair: bool = False) -> list[Outcome]:
+    """One row -> the outcomes of its examples: one, or with `unpair` two (chosen desirable, rejected not)."""
+    count = 2 if unpair else 1
+    try:
+        prompt, responses, label = normalize(row, fmt)
+    except (Malformed, KeyError, TypeError, IndexError):
+        return [Outcome(None, "malformed", [])] * count
+    if unpair:
+        return [tokenize_example(prompt, [r], good, tokenizer, cfg) for r, good in zip(responses, (True, False))]
+    return [tokenize_example(prompt, responses, label, tokenizer, cfg)]
+
+
+def tokenize_split(ds, fmt: str, tokenizer, cfg: DataConfig, report: DataReport, split: str, *,
+                   unpair: bool = False) -> list[TokenizedExample]:
+    """Tokenize a split (in `cfg.num_workers` processes when > 0), counting unpaired rows, truncations and
+    filters."""
     report.num_rows[split] = len(ds)
+    if unpair:
+        report.unpaired[split] = len(ds)
     if cfg.num_workers > 0:
-        results = _map_parallel(ds, fmt, tokenizer, cfg)
+        results = _map_parallel(ds, fmt, tokenizer, cfg, unpair)
     else:
-        results = (tokenize_example(row, fmt, tokenizer, cfg) for row in ds)
+        results = (tokenize_row(row, fmt, tokenizer, cfg, unpair) for row in ds)
     examples = []
-    for i, (example, status, rules) in enumerate(results):
-        report.truncated.update(rules)
-        if example is None:
-            report.filtered[status] += 1
-            continue
-        example.source_index = i
-        examples.append(example)
+    for i, outcomes in enumerate(results):
+        for example, status, rules in outcomes:
+            if example is None:
+                report.filtered[status] += 1
+                continue
+            report.truncated.update(rules)
+            example.source_index = i
+            examples.append(example)
     report.num_examples[split] = len(examples)
     return examples
 
 
-def _map_parallel(ds, fmt, tokenizer, cfg):
-    def fn(row):
-        example, status, rules = tokenize_example(row, fmt, tokenizer, cfg)
-        return {
-            "_prompt_ids": example.prompt_ids if example else [],
-            "_response_ids": example.response_ids if example else [],
-            "_label": example.label if example else None,
-            "_status": status,
-            "_rules": rules,
-        }
+def _outcome_features():
+    from datasets import Features, List, Value
 
-    out = ds.map(fn, num_proc=cfg.num_workers, remove_columns=ds.column_names, load_from_cache_file=False)
+    ids = List(Value("int64"))
+    return Features({"_outcomes": List({"prompt_ids": ids, "response_ids": List(ids), "label": Value("bool"),
+                                        "status": Value("string"), "rules": List(Value("string"))})})
+
+
+def _outcome_record(outcome: Outcome) -> dict:
+    ex = outcome.example or TokenizedExample([], [])
+    return {"prompt_ids": ex.prompt_ids, "response_ids": ex.response_ids, "label": ex.label,
+            "status": outcome.status, "rules": outcome.rules}
+
+
+def _outcome_from_record(record: dict) -> Outcome:
+    ok = record["status"] == "ok"
+    example = TokenizedExample(record["prompt_ids"], record["response_ids"], record["label"]) if ok else None
+    return Outcome(example, record["status"], record["rules"])
+
+
+def _map_parallel(ds, fmt, tokenizer, cfg, unpair):
+    """`tokenize_row` over the rows in `cfg.num_workers` processes (datasets.map), in row order."""
+
+    def fn(row):
+        return {"_outcomes": [_outcome_record(o) for o in tokenize_row(row, fmt, tokenizer, cfg, unpair)]}
+
+    out = ds.map(fn, num_proc=cfg.num_workers, remove_columns=ds.column_names, load_from_cache_file=False,
+                 features=_outcome_features())
     for row in out:
-        ok = row["_status"] == "ok"
-        example = TokenizedExample(row["_prompt_ids"], row["_response_ids"], row["_label"]) if ok else None
-        yield example, row["_status"], row["_rules"]
+        yield [_outcome_from_record(r) for r in row["_outcomes"]]

@@ -23,96 +23,21 @@ bounded by `chunk_tokens * chunk_vocab`, never by N * V. It is the CPU path.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
+from fastpo.kernels.partials import (  # noqa: F401  (TokenStats and HeadParams are part of the op's API)
+    HeadParams,
+    Partials,
+    TokenStats,
+    addmm_fp32_,
+    combine_partials,
+    pack_extras,
+    unpack_extras,
+)
+
 EXTRA_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 IMPLS = ("auto", "triton", "torch")
-
-
-class TokenStats(NamedTuple):
-    """Per-token statistics, all `[N]`. Only `logp` carries a gradient; unrequested extras are None.
-
-    entropy          -sum_v p_tv log p_tv
-    log_sum_sq_probs log sum_v p_tv^2   (WPO weights)
-    mean_logits      (1/V) sum_v z_tv   (TRL's `logits/*` metrics)
-    is_top1          argmax_v z_tv == y_t, first index on ties (bool)
-    """
-
-    logp: torch.Tensor
-    entropy: torch.Tensor | None = None
-    log_sum_sq_probs: torch.Tensor | None = None
-    mean_logits: torch.Tensor | None = None
-    is_top1: torch.Tensor | None = None
-
-
-class Partials(NamedTuple):
-    """Online log-sum-exp statistics of one vocabulary split, each `[S, N]` fp32.
-
-    m      max_v z                      s      sum_v e^(z - m)
-    zy     z at the target (0 if the target is not in the split)
-    ent    sum_v e^(z - m) z            sq     sum_v e^(2(z - m))
-    zsum   sum_v z                      before max of z over columns left of the target
-    """
-
-    m: torch.Tensor
-    s: torch.Tensor
-    zy: torch.Tensor
-    ent: torch.Tensor
-    sq: torch.Tensor
-    zsum: torch.Tensor
-    before: torch.Tensor
-
-
-@dataclass(frozen=True)
-class HeadParams:
-    """Non-tensor arguments of the head op, passed to autograd Functions as one value."""
-
-    ignore_index: int = -100
-    scale: float = 1.0
-    """1 / temperature."""
-    extras: bool = False
-    """Compute the `EXTRA_OUTPUTS` in the same pass."""
-    chunk_tokens: int = 1024
-    chunk_vocab: int = 8192
-    softcap: float | None = None
-    """c of the final-logit soft cap z = c tanh(a / c) (Gemma 2's `final_logit_softcapping`), or None."""
-
-
-def combine_partials(p: Partials, valid_N: torch.Tensor, vocab_size: int, extras: bool):
-    """Merge the splits of `p` into `(TokenStats, lse_N)`; rows outside `valid_N` give 0."""
-    m = p.m.amax(0)
-    w = torch.exp(p.m - m)
-    s = (p.s * w).sum(0)
-    lse = m + torch.log(s)
-    zy = p.zy.sum(0)
-    zero = torch.zeros((), dtype=torch.float32, device=m.device)
-    stats = TokenStats(logp=torch.where(valid_N, zy - lse, zero))
-    if extras:
-        # entropy = lse - E_p[z];  log sum p^2 = log sum e^(2(z - m)) - 2 log s
-        entropy = lse - (p.ent * w).sum(0) / s
-        log_sum_sq = torch.log((p.sq * w * w).sum(0)) - 2 * torch.log(s)
-        stats = stats._replace(
-            entropy=torch.where(valid_N, entropy, zero),
-            log_sum_sq_probs=torch.where(valid_N, log_sum_sq, zero),
-            mean_logits=torch.where(valid_N, p.zsum.sum(0) / vocab_size, zero),
-            is_top1=valid_N & (zy >= m) & (zy > p.before.amax(0)),
-        )
-    return stats, torch.where(valid_N, lse, zero)
-
-
-def pack_extras(stats: TokenStats) -> torch.Tensor:
-    """The four extras as one `[4, N]` fp32 tensor (autograd Functions return tensors only)."""
-    return torch.stack([stats.entropy, stats.log_sum_sq_probs, stats.mean_logits, stats.is_top1.float()])
-
-
-def unpack_extras(logp: torch.Tensor, extras_4N: torch.Tensor | None) -> TokenStats:
-    if extras_4N is None or extras_4N.numel() == 0:
-        return TokenStats(logp=logp)
-    entropy, log_sum_sq, mean_logits, is_top1 = extras_4N.unbind(0)
-    return TokenStats(logp, entropy, log_sum_sq, mean_logits, is_top1 > 0.5)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -150,15 +75,6 @@ def _logits_and_cap_grad(hidden_nH, weight_vH, bias_v, scale, softcap):
     return t.mul_(softcap * scale), cap_grad
 
 
-def addmm_fp32_(acc_VH, a_VC, b_CH):
-    """acc += a @ b into an fp32 `acc`, with fp32 accumulation and no low-precision rounding of the product
-    (cuBLAS `out_dtype=float32` for 16-bit CUDA operands)."""
-    if a_VC.is_cuda and a_VC.dtype != torch.float32:
-        torch.addmm(acc_VH, a_VC, b_CH, out_dtype=torch.float32, out=acc_VH)
-    else:
-        acc_VH.addmm_(a_VC.float(), b_CH.float())
-
-
 def _acc_dtype(x):
     """Accumulation dtype: fp32, or float64 for float64 inputs (exact checks at tiny shapes)."""
     return torch.promote_types(x.dtype, torch.float32)
@@ -185,9 +101,35 @@ def _tile_partials(z_nv, y_n, v0, extras):
     return m, e.sum(-1), zy, _rowdot(e, z_nv), _rowdot(e, e), z_nv.sum(-1), before
 
 
+def _host_valid_rows(targets_N, ignore_index) -> torch.Tensor | None:
+    """Rows with a target, when some are ignored and the targets can be read without a device sync (CPU data):
+    the torch path then runs its GEMMs on those rows only (prompt and padding rows cost nothing). None
+    otherwise (every row valid, or CUDA data, where ignored rows are computed and masked)."""
+    if targets_N.is_cuda:
+        return None
+    valid_N = targets_N != ignore_index
+    return None if bool(valid_N.all()) else valid_N.nonzero().squeeze(1)
+
+
+def _scatter_rows(x_n: torch.Tensor | None, rows: torch.Tensor, N: int) -> torch.Tensor | None:
+    """[n] values of the valid rows -> [N], 0 (False) on the other rows."""
+    if x_n is None:
+        return None
+    return x_n.new_zeros((N, *x_n.shape[1:])).index_copy_(0, rows, x_n)
+
+
 def _torch_forward(hidden_NH, weight_VH, bias_V, targets_N, params: HeadParams):
     valid_N = targets_N != params.ignore_index
     V = weight_VH.shape[0]
+    rows = _host_valid_rows(targets_N, params.ignore_index)
+    if rows is not None:
+        N = hidden_NH.shape[0]
+        stats, lse = _torch_forward(hidden_NH[rows], weight_VH, bias_V, targets_N[rows], params)
+        return TokenStats(*(_scatter_rows(x, rows, N) for x in stats)), _scatter_rows(lse, rows, N)
+    if hidden_NH.shape[0] == 0:
+        empty = hidden_NH.new_zeros(0, dtype=torch.float32)
+        extras = (empty, empty, empty, valid_N) if params.extras else ()
+        return TokenStats(empty, *extras), empty
     stats_chunks, lse_chunks = [], []
     for n0 in range(0, hidden_NH.shape[0], params.chunk_tokens):
         h = hidden_NH[n0 : n0 + params.chunk_tokens]
@@ -208,9 +150,17 @@ def _torch_forward(hidden_NH, weight_VH, bias_V, targets_N, params: HeadParams):
 def _torch_backward(grad_N, hidden_NH, weight_VH, bias_V, targets_N, lse_N, params: HeadParams, needs):
     """da = g (onehot(y) - p) * scale (* the soft cap's chain factor), recomputed per tile in place; dh, dW,
     db accumulate in fp32."""
+    rows = _host_valid_rows(targets_N, params.ignore_index)
+    if rows is not None:
+        dh, dW, db = _torch_backward(grad_N[rows], hidden_NH[rows], weight_VH, bias_V, targets_N[rows], lse_N[rows],
+                                     params, needs)
+        return _scatter_rows(dh, rows, hidden_NH.shape[0]), dW, db
     V = weight_VH.shape[0]
     acc = _acc_dtype(hidden_NH)
-    g_N = torch.where(targets_N != params.ignore_index, grad_N.to(acc), 0.0)
+    valid_N = targets_N != params.ignore_index
+    g_N = torch.where(valid_N, grad_N.to(acc), 0.0)
+    # ignored rows carry lse = 0: +inf makes their p exactly 0 (exp(z - 0) would overflow, and 0 * inf is NaN)
+    lse_N = torch.where(valid_N, lse_N, torch.inf)
     dh = torch.zeros(hidden_NH.shape, dtype=acc, device=hidden_NH.device) if needs[0] else None
     dW = torch.zeros(weight_VH.shape, dtype=acc, device=weight_VH.device) if needs[1] else None
     db = torch.zeros(V, dtype=acc, device=weight_VH.device) if needs[2] else None
@@ -261,19 +211,26 @@ class TorchLogprobsFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _validate(hidden, weight, targets, bias, ignore_index, temperature, impl, softcap=None):
-    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_head_inputs(hidden, weight, targets, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None,
+                         impl="auto", chunk_tokens=1024, chunk_vocab=8192) -> torch.Tensor:
+    """The head op's one validation (the generic and pair-fused paths both run it): every argument's shape,
+    dtype, device and range, with an error naming it. Returns the targets as int64 (any integer dtype is
+    accepted). Target values are checked on the host for CPU data and by a device-side assert on CUDA."""
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point() or hidden.dim() < 2:
         raise TypeError(f"hidden must be a floating-point tensor [N, H] or [B, T, H], got {_describe(hidden)}")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"weight must be a 2-D tensor [V, H], got {_describe(weight)}")
-    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden's last dim ({tuple(hidden.shape)}) must equal weight's H ({tuple(weight.shape)})")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] == 0:
+        raise ValueError(f"weight must be a 2-D tensor [V, H] with V >= 1, got {_describe(weight)}")
+    if hidden.shape[-1] != weight.shape[1] or weight.shape[1] == 0:
+        raise ValueError(f"hidden's last dim ({tuple(hidden.shape)}) must equal weight's H >= 1 ({tuple(weight.shape)})")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
-    if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.is_complex():
+    if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.is_complex() or \
+            targets.dtype == torch.bool:
         raise TypeError(f"targets must be an integer tensor, got {_describe(targets)}")
-    if targets.dtype == torch.bool:
-        raise TypeError("targets must be an integer tensor, got torch.bool")
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden's leading dims {tuple(hidden.shape[:-1])}")
     tensors = {"weight": weight, "targets": targets} | ({} if bias is None else {"bias": bias})
@@ -282,13 +239,20 @@ def _validate(hidden, weight, targets, bias, ignore_index, temperature, impl, so
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != hidden.dtype):
         raise ValueError(f"bias must be [V]={weight.shape[0]} of dtype {hidden.dtype}, got {_describe(bias)}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int (the target of rows to skip, e.g. -100), got {ignore_index!r}")
+    if not (_is_number(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
+    if softcap is not None and not (_is_number(softcap) and softcap > 0):
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    for name, value in (("chunk_tokens", chunk_tokens), ("chunk_vocab", chunk_vocab)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    targets = targets.long()
     _check_target_range(targets, weight.shape[0], ignore_index)
+    return targets
 
 
 def _check_target_range(targets, vocab_size, ignore_index):
@@ -337,7 +301,9 @@ def token_stats(
     With no gradient needed (inference mode, or no input requiring grad) nothing is saved for backward:
     this is the reference-model path.
     """
-    _validate(hidden, weight, targets, bias, ignore_index, temperature, impl, softcap)
+    targets = validate_head_inputs(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
+                                   temperature=temperature, softcap=softcap, impl=impl, chunk_tokens=chunk_tokens,
+                                   chunk_vocab=chunk_vocab)
     hidden_NH = hidden.reshape(-1, hidden.shape[-1])
     targets_N = targets.reshape(-1)
     params = HeadParams(ignore_index, 1.0 / temperature, bool(extras), chunk_tokens, chunk_vocab,

@@ -39,6 +39,8 @@ from typing import NamedTuple
 
 import torch
 
+from fastpo.losses.types import ResponseLayout
+
 IGNORE_INDEX = -100
 PROMPT_TRUNCATION = ("keep_end", "keep_start")
 
@@ -128,6 +130,9 @@ class PackedBatch:
     response_rank        [R]    int64   rank of r within its example: 0 = chosen/best, 1 = rejected, ...
     response_num_tokens  [R]    int64   completion tokens of r after truncation
     example_offsets      [E+1]  int64   responses of example e are example_offsets[e] .. [e+1] - 1
+    responses            `fastpo.losses.ResponseLayout` of the M head rows: token -> response, example ->
+                         ranked responses (examples may hold different numbers of responses); built on the
+                         host, its CPU copy kept when the batch moves
     layout               AttentionLayout for `fastpo.attention`
     spans                Span per packed sequence (host metadata)
 
@@ -146,6 +151,7 @@ class PackedBatch:
     response_rank: torch.Tensor
     response_num_tokens: torch.Tensor
     example_offsets: torch.Tensor
+    responses: ResponseLayout
     layout: AttentionLayout
     spans: tuple[Span, ...]
     num_examples: int
@@ -163,7 +169,8 @@ class PackedBatch:
             for f in fields(self)
             if isinstance(getattr(self, f.name), torch.Tensor)
         }
-        return replace(self, **moved, layout=self.layout.to(device, non_blocking=non_blocking))
+        return replace(self, **moved, responses=self.responses.to(device),
+                       layout=self.layout.to(device, non_blocking=non_blocking))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -455,6 +462,7 @@ def _to_batch(built, spans, exs, offsets, num_rows, row_len, shared, ignore_inde
         max_seqlen_q=max(built.seqlens_q),
         max_seqlen_k=max(built.seqlens_k),
     )
+    token_response = torch.repeat_interleave(torch.arange(num_responses), response_num_tokens)
     num_tokens = sum(len(ex.prompt_ids) * (1 if shared else len(ex.response_ids)) for ex in exs) + int(
         response_num_tokens.sum()
     )
@@ -465,11 +473,12 @@ def _to_batch(built, spans, exs, offsets, num_rows, row_len, shared, ignore_inde
         src_index=src_index,
         tgt_index=tgt_index,
         targets=input_ids.flatten()[tgt_index],
-        token_response=torch.repeat_interleave(torch.arange(num_responses), response_num_tokens),
+        token_response=token_response,
         response_example=response_example,
         response_rank=response_rank,
         response_num_tokens=response_num_tokens,
         example_offsets=long(offsets),
+        responses=ResponseLayout.from_groups(token_response, response_example, response_rank),
         layout=layout,
         spans=tuple(spans),
         num_examples=len(exs),

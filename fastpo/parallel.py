@@ -33,15 +33,18 @@ class World:
     size: int
     device: torch.device
     mesh: object | None
-    """1-D `dp_shard` device mesh, or None for a world of one."""
+    """1-D `dp_shard` device mesh, 2-D (`dp_replicate`, `dp_shard`) for HSDP, or None for a world of one."""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def init_world(device: str = "auto") -> World:
-    """Join the process group started by torchrun (if any) and pick this rank's device."""
+def init_world(device: str = "auto", dp_shard: int = -1) -> World:
+    """Join the process group started by torchrun (if any) and pick this rank's device. `dp_shard`: ranks the
+    weights are sharded over (-1: all); fewer than the world gives HSDP, a 2-D mesh ("dp_replicate",
+    "dp_shard") on which each group of `dp_shard` ranks holds a full sharded copy and gradients are
+    all-reduced across the copies."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -49,6 +52,9 @@ def init_world(device: str = "auto") -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    shard = size if dp_shard == -1 else dp_shard
+    if size % shard:
+        raise ValueError(f"--parallel.dp_shard={dp_shard} must divide the world size {size} (or be -1: all ranks)")
     dev = torch.device(device, local_rank) if device == "cuda" else torch.device("cpu")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -57,7 +63,10 @@ def init_world(device: str = "auto") -> World:
     if not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
-    mesh = init_device_mesh(dev.type, (size,), mesh_dim_names=("dp_shard",))
+    if shard == size:
+        mesh = init_device_mesh(dev.type, (size,), mesh_dim_names=("dp_shard",))
+    else:
+        mesh = init_device_mesh(dev.type, (size // shard, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
     return World(rank, size, dev, mesh)
 
 
@@ -114,3 +123,30 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t)
     return t
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window: CUDA's allocator peak, or on Linux the process's peak RSS (VmHWM, reset
+    by writing 5 to /proc/self/clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux, or not permitted: the peak then covers the whole process
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak since `reset_peak_memory`: CUDA max allocated, else this process's peak RSS (0 where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

@@ -4,24 +4,26 @@ checkpoint, export.
 One step consumes one global batch of `data.batch_size` examples, split into `optim.grad_accum_steps`
 micro-batches and, within each, across data-parallel ranks (rank r takes examples r, r + W, ...; a rank
 whose share is empty scores one masked copy, so every rank runs the same forwards). Each rank packs its
-share with prefix sharing and scores it through `Scorer` (decoder body + fused head in one module, so
-FSDP gathers the LM head inside the forward). The loss of a step is the mean over the global batch's
-examples of the per-example objective: every micro-batch contributes `sum(losses) / global_examples`,
-FSDP's division by the world size is off, so gradients are those of one process on the whole batch.
-Evaluation walks the eval set in the same global micro-batches. Metrics are TRL's (`rewards/chosen`,
-`rewards/accuracies`, ... for pairs; KTO's for unpaired data), summed on device and reduced once per step.
+share with prefix sharing and runs it through `Scorer`: decoder body and `fastpo.losses`'
+`fused_linear_preference_loss` in one module, so FSDP gathers the LM head inside the forward, and the
+trainer never re-derives a statistic, an objective or a metric. The head path follows the objective
+(`--model.head_path`): pair-fused when every objective is group-local and a gradient is needed, generic
+otherwise (AOT's batch sort; evaluation and reference scoring, which need no gradient).
 
-Per-response sums come from the per-token log-probs through `fastpo.losses.stats.reduce_tokens`: S with
-LD-DPO's positional weights when `--loss.ld_alpha` is set (policy and reference alike; NLL terms keep the
-plain sums), and the WPO log-weights `mean_t (logp_t - log sum_v p_v^2)`. Unpaired objectives get the
-labels and, for KTO, the reference point z0 = max(0, mean (S - S_ref)) over mismatched pairs: prompt i
-with the completion of example i - 1 of the same global micro-batch (cyclically; TRL's rotation by one),
-scored without gradient by policy and reference and summed over ranks on device.
+The loss of a step is the mean over the global batch's examples of the per-example objective: every
+micro-batch contributes `sum(losses) / global_examples` (the `normalizer`), and NLL terms use the step's
+global chosen-token count (`nll_scale`); FSDP's division by the world size is off, so gradients are those
+of one process on the whole batch. Metrics are `fastpo.losses.metrics`' sums, added over micro-batches,
+all-reduced once per step and turned into TRL-named means, plus TRL's `learning_rate`, `epoch`,
+`num_tokens`, `grad_norm` and the step's `time/step_s`, `throughput/tokens_per_s` and `memory/peak_gib`.
+
+Unpaired objectives get the labels and, for KTO, the reference point z0 = max(0, mean (S - S_ref)) over
+mismatched pairs: prompt i with the completion of example i - 1 of the same global micro-batch (cyclically;
+TRL's rotation by one), scored without gradient by policy and reference and summed over ranks on device.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -29,9 +31,10 @@ import logging
 import math
 import os
 import random
+import time
 from dataclasses import asdict, dataclass, field
+
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -39,35 +42,44 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from fastpo import checkpoint as ckpt
 from fastpo import parallel
-from fastpo.attention import enable_prefix_sharing, score
-from fastpo.batch_stats import (
-    PAIRED_METRICS,
-    UNPAIRED_METRICS,
-    add_sums,
-    finish_metrics,
-    loss_inputs,
-    response_stats,
-)
-from fastpo.losses import preference_loss
+from fastpo.attention import completion_hidden, enable_prefix_sharing
+from fastpo.config import to_dict
+from fastpo.lora import adapters_disabled
+from fastpo.losses import add_sums, fused_linear_preference_loss, metric_means, response_logps
+from fastpo.models import lm_head_spec
 from fastpo.packing import PackedBatch, pack_examples
 
 logger = logging.getLogger(__name__)
 
 
 class Scorer(torch.nn.Module):
-    """Decoder body + fused LM head: `forward(batch) -> fastpo.attention.ResponseScores`."""
+    """Decoder body + fused LM head. `forward(batch)`: per-response log-prob sums `[R]` (reference scoring,
+    KTO's mismatched pairs; LD-DPO-weighted with `ld_alpha`); `forward(batch, objective)`: the preference loss
+    of the batch (`fastpo.losses.FusedLossOutput`), where `objective` holds the keyword arguments of
+    `fused_linear_preference_loss` (loss type, hyperparameters, reference sums, labels, masks, normalizers)."""
 
-    def __init__(self, model, *, backend="auto", impl="auto", extras=True):
+    def __init__(self, model, *, backend="auto", impl="auto", path="auto"):
         super().__init__()
         self.model = model
-        self.backend, self.impl, self.extras = backend, impl, extras
+        self.backend, self.impl, self.path = backend, impl, path
         enable_prefix_sharing(model)
 
-    def forward(self, batch: PackedBatch, extras: bool | None = None):
-        """`extras` overrides the per-token extras (entropy, log sum p^2, mean logit) for this call."""
-        extras = self.extras if extras is None else extras
-        return score(self.model, batch, backend=self.backend, impl=self.impl, extras=extras)
+    def forward(self, batch: PackedBatch, objective: dict | None = None, *, ld_alpha: float | None = None,
+                adapters: bool = True):
+        """`adapters=False` runs a LoRA policy with its adapters disabled: the reference (`fastpo.build`)."""
+        if not adapters:
+            with adapters_disabled(self.model):
+                return self.forward(batch, objective, ld_alpha=ld_alpha)
+        hidden_MH = completion_hidden(self.model, batch, backend=self.backend)
+        head = lm_head_spec(self.model)
+        common = dict(bias=head.bias, ignore_index=batch.ignore_index, temperature=head.temperature,
+                      softcap=head.softcap, impl=self.impl)
+        if objective is None:
+            return response_logps(hidden_MH, head.weight, batch.targets, batch.responses, ld_alpha=ld_alpha, **common)
+        return fused_linear_preference_loss(hidden_MH, head.weight, batch.targets, layout=batch.responses,
+                                            path=self.path, **common, **objective)
 
 
 @dataclass
@@ -76,13 +88,23 @@ class TrainState:
 
     step: int = 0
     history: list = field(default_factory=list)
+    num_tokens: int = 0
+    """TRL's `num_tokens`: prompt + completion tokens of the training examples so far, each [prompt + response]
+    counted as its own sequence (what a padded trainer feeds its model), over all ranks."""
+    skipped_steps: int = 0
+    """Steps whose update was skipped (non-finite loss or gradient norm)."""
+    consecutive_skips: int = 0
 
     def state_dict(self):
-        return {"step": self.step, "history": json.dumps(self.history), "rng": _rng_state()}
+        return {"step": self.step, "history": json.dumps(self.history), "num_tokens": self.num_tokens,
+                "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
+                "rng": _rng_state()}
 
     def load_state_dict(self, sd):
         self.step = int(sd["step"])
         self.history = json.loads(sd["history"])
+        self.num_tokens = int(sd["num_tokens"])
+        self.skipped_steps, self.consecutive_skips = int(sd["skipped_steps"]), int(sd["consecutive_skips"])
         _set_rng_state(sd["rng"])
 
 
@@ -148,7 +170,9 @@ def mismatched_pairs(examples: list, data_cfg) -> list:
 
 
 def pack(examples, cfg) -> PackedBatch:
-    return pack_examples(
+    """Pack a share of examples. The data layer already fit every example to `--data.max_tokens` (and counted
+    what it cut), so the packer must not cut anything: a truncation here is a bug, not a silent trim."""
+    batch = pack_examples(
         [(ex.prompt_ids, ex.response_ids) for ex in examples],
         max_tokens=cfg.data.max_tokens,
         share_prompt=cfg.data.share_prefix,
@@ -156,13 +180,15 @@ def pack(examples, cfg) -> PackedBatch:
         min_responses=1 if cfg.loss.unpaired else 2,
         pad_token_id=cfg.data.pad_token_id,
     )
+    if batch.truncation.num_truncated_examples:
+        raise RuntimeError(f"packing cut {batch.truncation.num_truncated_examples} example(s) that the data layer "
+                           f"should have fit to --data.max_tokens={cfg.data.max_tokens}: {batch.truncation}")
+    return batch
 
 
-def example_labels(examples, device) -> torch.Tensor | None:
-    """[G] bool desirability labels of unpaired examples; None for paired or ranked data."""
-    if examples[0].label is None:
-        return None
-    return torch.tensor([bool(ex.label) for ex in examples], device=device)
+def sequence_tokens(examples) -> int:
+    """Tokens of the examples as separate [prompt + response] sequences (TRL's `num_tokens` count)."""
+    return sum(len(ex.prompt_ids) * len(ex.response_ids) + sum(map(len, ex.response_ids)) for ex in examples)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -173,16 +199,18 @@ def example_labels(examples, device) -> torch.Tensor | None:
 class Trainer:
     """Owns the policy, the reference, the optimizer and the data; `train()` runs to the end."""
 
-    def __init__(self, cfg, world, policy: Scorer, reference: Scorer | None, optimizer, scheduler, data, hparams,
+    def __init__(self, cfg, world, policy: Scorer, reference, optimizer, scheduler, data, hparams,
                  num_steps: int):
         self.cfg, self.world, self.num_steps = cfg, world, num_steps
         self.policy, self.reference = policy, reference
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_examples, self.eval_examples = data
         self.hparams = hparams
-        self.metric_set = UNPAIRED_METRICS if cfg.loss.unpaired else PAIRED_METRICS
         self.state = TrainState()
-        self.ref_cache: dict[int, torch.Tensor] = {}
+        self.ref_cache: dict[tuple, torch.Tensor] = {}
+        self.stop = None
+        """`fastpo.stopping.GracefulStop` of the run: its flag rides on the step's metric reduction."""
+        self.stop_requested = False
 
     @property
     def micro_size(self) -> int:
@@ -198,8 +226,8 @@ class Trainer:
         if self.reference is None:
             return None
         if cached and self.ref_cache:
-            return torch.cat([self.ref_cache[ex.source_index] for ex in examples]).to(self.world.device)
-        return response_stats(self.reference(batch), batch, self.cfg.loss.ld_alpha).logps
+            return torch.cat([self.ref_cache[example_key(ex)] for ex in examples]).to(self.world.device)
+        return self.reference(batch, ld_alpha=self.cfg.loss.ld_alpha)
 
     @torch.no_grad()
     def precompute_reference(self, examples):
@@ -211,10 +239,10 @@ class Trainer:
         cache = {}
         for i in range(0, len(examples), self.micro_size):
             chunk = examples[i : i + self.micro_size]
-            batch = pack(chunk, self.cfg).to(self.world.device)
-            sums = self.reference_logps(chunk, batch).cpu()
-            k = len(chunk[0].response_ids)
-            cache.update({ex.source_index: sums[j * k : (j + 1) * k] for j, ex in enumerate(chunk)})
+            batch = pack(chunk, self.cfg)
+            sums = self.reference_logps(chunk, batch.to(self.world.device)).cpu()
+            offsets = batch.example_offsets.tolist()
+            cache.update({example_key(ex): sums[offsets[j] : offsets[j + 1]] for j, ex in enumerate(chunk)})
         self.ref_cache = cache
         if self.world.is_main:
             os.makedirs(self.cfg.ref.cache_dir, exist_ok=True)
@@ -225,7 +253,7 @@ class Trainer:
                                        asdict(self.cfg.data), self.cfg.loss.ld_alpha],
                                       sort_keys=True, default=str).encode())
         for ex in examples:
-            h.update(json.dumps([ex.source_index, list(ex.prompt_ids), [list(r) for r in ex.response_ids]]).encode())
+            h.update(json.dumps([example_key(ex), list(ex.prompt_ids), [list(r) for r in ex.response_ids]]).encode())
         return h.hexdigest()[:16]
 
     @torch.no_grad()
@@ -235,7 +263,7 @@ class Trainer:
         pairs, mask = shard(mismatched_pairs(micro, self.cfg.data), self.world)
         batch = pack(pairs, self.cfg).to(self.world.device)
         mask = torch.tensor(mask, device=self.world.device)
-        rho = self.policy(batch, extras=False).logp_sum - self.reference(batch).logp_sum
+        rho = self.policy(batch) - self.reference(batch)
         return torch.stack([(rho * mask).sum(), mask.sum()])
 
     def reference_point(self, micro: list) -> torch.Tensor:
@@ -246,47 +274,84 @@ class Trainer:
 
     # -- steps -----------------------------------------------------------------------------------
 
-    def objective(self, micro: list, nll_scale, *, cached_ref: bool = False):
-        """This rank's share of a global micro-batch through the policy and the objective:
-        (LossOutput, PreferenceInputs, SequenceStats, batch, mask [G])."""
-        examples, mask = shard(micro, self.world)
+    def micro_step(self, micro: list, nll_scale, normalizer: float, *, cached_ref: bool = False):
+        """This rank's share of a global micro-batch through the policy and the objective: (FusedLossOutput,
+        the share's token counts: decoder tokens of the policy forward and TRL's sequence tokens)."""
+        examples, mask_list = shard(micro, self.world)
         device = self.world.device
         batch = pack(examples, self.cfg).to(device)
-        kl = self.reference_point(micro) if self.cfg.loss.uses_reference_point else None
-        ref_logps = self.reference_logps(examples, batch, cached=cached_ref)
-        seq = response_stats(self.policy(batch), batch, self.cfg.loss.ld_alpha)
-        inputs = loss_inputs(seq, ref_logps, batch, nll_scale, labels=example_labels(examples, device), kl=kl)
-        out = preference_loss(self.cfg.loss.losses(), inputs, **self.hparams)
-        return out, inputs, seq, batch, torch.tensor(mask, device=device)
+        mask = torch.tensor(mask_list, device=device)
+        objective = dict(loss_type=self.cfg.loss.losses(), example_mask=mask, nll_scale=nll_scale.to(device),
+                         normalizer=normalizer, ld_alpha=self.cfg.loss.ld_alpha, **self.hparams)
+        objective["ref_logps"] = self.reference_logps(examples, batch, cached=cached_ref)
+        if self.cfg.loss.unpaired:
+            objective["labels"] = torch.tensor([bool(ex.label) for ex in examples], device=device)
+        if self.cfg.loss.uses_reference_point:
+            objective["kl"] = self.reference_point(micro)
+        real = max(mask_list)  # a masked copy (an empty share) counts no tokens
+        tokens = {"tokens/decoder": batch.num_tokens * real, "tokens/sequences": sequence_tokens(examples) * real}
+        return self.policy(batch, objective), tokens
 
-    def micro_step(self, micro: list, nll_scale, *, cached_ref: bool = False) -> tuple[torch.Tensor, dict]:
-        """(sum of this rank's per-example losses, metric sums) of a global micro-batch."""
-        out, inputs, seq, batch, mask = self.objective(micro, nll_scale, cached_ref=cached_ref)
-        return (out.losses * mask).sum(), self.metric_set.sums(out, inputs, seq, batch, mask)
-
-    def forward_backward_step(self, micro: list, global_examples: int, nll_scale) -> tuple[torch.Tensor, dict]:
-        """One micro-batch: score, objective, backward of sum(losses) / global_examples."""
-        loss_sum, sums = self.micro_step(micro, nll_scale, cached_ref=True)
-        loss = loss_sum / global_examples
-        loss.backward()
-        return loss.detach(), sums
+    def forward_backward_step(self, micro: list, global_examples: int, nll_scale) -> dict:
+        """One micro-batch: score, objective, backward of sum(losses) / global_examples; returns its sums."""
+        out, tokens = self.micro_step(micro, nll_scale, global_examples, cached_ref=True)
+        out.loss.backward()
+        return out.metric_sums | {k: torch.tensor(float(v)) for k, v in tokens.items()}
 
     def train_step(self) -> dict:
+        """One optimizer step over the next global batch. A non-finite loss or gradient norm skips the update
+        (the batch is consumed and counted in `skipped_steps`); `--optim.max_skipped_steps` consecutive skips
+        stop the run (`DivergenceError`). One all-reduce and one host read per step."""
         cfg = self.cfg
+        start = time.perf_counter()
+        parallel.reset_peak_memory(self.world.device)
         examples = global_batch(self.train_examples, self.state.step, cfg.data.batch_size, cfg.seed)
         nll_scale = _nll_scale(examples)
-        loss_sum, sums = 0.0, None
+        sums = {"control/stop": torch.tensor(self.stop.flag() if self.stop is not None else 0.0)}
         for micro in micro_batches(examples, cfg.optim.grad_accum_steps):
-            loss, s = self.forward_backward_step(micro, len(examples), nll_scale)
-            loss_sum, sums = loss_sum + loss, add_sums(sums, s)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.optim.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            sums = add_sums(sums, self.forward_backward_step(micro, len(examples), nll_scale))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.optim.max_grad_norm or math.inf)
+        totals = reduce_sums(sums, self.world.device)
+        grad_norm = float(_full(grad_norm))
+        learning_rate = self.scheduler.get_last_lr()[0]
+        skipped = self._apply_update(step_metrics(totals)["loss"], grad_norm)
         self.scheduler.step()
-        metrics = finish_metrics(sums, loss_sum, self.metric_set)
-        metrics |= {"grad_norm": float(_full(grad_norm)), "lr": self.scheduler.get_last_lr()[0]}
         self.state.step += 1
-        return metrics
+        self.state.num_tokens += int(totals["tokens/sequences"])
+        self.stop_requested = totals["control/stop"] > 0
+        step_s = time.perf_counter() - start
+        return step_metrics(totals) | {
+            "grad_norm": grad_norm, "learning_rate": learning_rate,
+            "epoch": self.state.step * cfg.data.batch_size / len(self.train_examples),
+            "num_tokens": self.state.num_tokens, "skipped": float(skipped),
+            "skipped_steps": self.state.skipped_steps, "time/step_s": step_s,
+            "throughput/tokens_per_s": totals["tokens/decoder"] / step_s,
+            "memory/peak_gib": parallel.peak_memory_bytes(self.world.device) / 2**30,
+        }
+
+    def _apply_update(self, loss: float, grad_norm: float) -> bool:
+        """Step the optimizer unless the loss or the gradient norm is non-finite; returns whether it skipped.
+        The same decision on every rank: both values are already reduced over ranks."""
+        o, step = self.cfg.optim, self.state.step + 1
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.state.consecutive_skips = 0
+            _warn_suspicious_gradient(step, grad_norm, o.max_grad_norm)
+        else:
+            self.state.skipped_steps += 1
+            self.state.consecutive_skips += 1
+            logger.warning("step %d: loss %s, gradient norm %s: update skipped (%d in a row, %d in all)", step, loss,
+                           grad_norm, self.state.consecutive_skips, self.state.skipped_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.state.consecutive_skips > o.max_skipped_steps:
+            path = self.checkpoint(diagnostic=True)
+            raise DivergenceError(
+                f"stopped at step {step}: {self.state.consecutive_skips} consecutive steps with a non-finite loss or "
+                f"gradient norm (--optim.max_skipped_steps={o.max_skipped_steps}); no update was applied from them, "
+                f"so the last checkpoint under {self.cfg.checkpoint.dir} is a finite resume point; state dumped to "
+                f"{path} for inspection (not a resume point). Lower --optim.lr or check the data")
+        return not finite
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -294,45 +359,95 @@ class Trainer:
         training (every rank runs one forward per chunk); {} without eval examples."""
         if not self.eval_examples:
             return {}
-        loss_sum, sums = 0.0, None
+        sums = None
         for chunk in eval_chunks(self.eval_examples, self.micro_size):
             # never the training cache: eval examples are indexed in their own split
-            losses, s = self.micro_step(chunk, _nll_scale(chunk))
-            loss_sum, sums = loss_sum + losses / len(self.eval_examples), add_sums(sums, s)
-        return {f"eval/{k}": v for k, v in finish_metrics(sums, loss_sum, self.metric_set).items()}
+            out, _ = self.micro_step(chunk, _nll_scale(chunk), len(self.eval_examples))
+            sums = add_sums(sums, out.metric_sums)
+        return {f"eval/{k}": v for k, v in step_metrics(reduce_sums(sums, self.world.device)).items()}
 
     # -- checkpoints -----------------------------------------------------------------------------
 
-    def checkpoint(self, tag: str | None = None):
-        """Model, optimizer, scheduler, step, history and RNG with torch.distributed.checkpoint."""
+    def _state(self) -> dict:
         model_sd, optim_sd = get_state_dict(self.policy, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict(),
-                 "train": self.state.state_dict()}
-        path = os.path.join(self.cfg.checkpoint.dir, tag or f"step-{self.state.step:07d}")
-        dcp.save(state, checkpoint_id=path)
+        return {"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict(),
+                "train": self.state.state_dict()}
+
+    def checkpoint(self, *, diagnostic: bool = False) -> str:
+        """Save model, optimizer, scheduler, step, history and RNG (`fastpo.checkpoint.save`: verified manifest,
+        then `latest`; old checkpoints pruned to `--checkpoint.keep`). `diagnostic`: a dump beside them that is
+        never a resume point."""
+        c, step, config = self.cfg.checkpoint, self.state.step, to_dict(self.cfg)
+        if diagnostic:
+            return ckpt.save_diagnostic(self._state(), c.dir, step=step, config=config, is_main=self.world.is_main,
+                                        reason="divergence")
+        path = ckpt.save(self._state(), c.dir, ckpt.step_tag(step), step=step, config=config,
+                         is_main=self.world.is_main)
         if self.world.is_main:
-            with open(os.path.join(self.cfg.checkpoint.dir, "latest"), "w") as f:
-                f.write(os.path.basename(path))
+            ckpt.prune(c.dir, c.keep)
         return path
 
-    def resume(self, path: str):
-        model_sd, optim_sd = get_state_dict(self.policy, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict(),
-                 "train": self.state.state_dict()}
-        dcp.load(state, checkpoint_id=path)
+    def resume(self, path: str) -> list[str]:
+        """Load checkpoint `path` (already verified by `resolve_resume`); refuses a changed run unless
+        `--checkpoint.allow_changes`, and returns the changes then allowed."""
+        changes = ckpt.check_resume_config(ckpt.read_manifest(path)["config"], to_dict(self.cfg),
+                                           self.cfg.checkpoint.allow_changes, path=path)
+        state = self._state()
+        ckpt.load(state, path, verified=True)
         set_state_dict(self.policy, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.state.load_state_dict(state["train"])
+        return changes
 
-    def export(self, out_dir: str, tokenizer):
-        """A transformers checkpoint (safetensors + tokenizer) loadable by `from_pretrained`."""
+    def export(self, out_dir: str, tokenizer, card: str = "") -> str:
+        """A transformers checkpoint (safetensors + tokenizer + a model card) loadable by `from_pretrained`;
+        with LoRA the PEFT adapter (`PeftModel.from_pretrained(base, out_dir)`), plus the merged model in
+        `<out_dir>/merged` with `--lora.merge_on_export`. Returns `out_dir`."""
         full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.world.is_main:
-            model = self.policy.model
+            from fastpo.lora import save_model
+
             sd = {k.removeprefix("model."): v for k, v in full.items()}
-            model.config.use_cache = True
-            model.save_pretrained(out_dir, state_dict=sd, safe_serialization=True)
+            save_model(self.policy.model, sd, out_dir, merge=self.cfg.lora.merge_on_export)
             tokenizer.save_pretrained(out_dir)
+            if card:
+                with open(os.path.join(out_dir, "README.md"), "w") as f:
+                    f.write(card)
+        return out_dir
+
+
+class DivergenceError(FloatingPointError):
+    """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+def _warn_suspicious_gradient(step: int, grad_norm: float, max_grad_norm: float) -> None:
+    """Finite updates that are still a sign of trouble: no gradient at all, or one far past the clip."""
+    if grad_norm == 0.0:
+        logger.warning("step %d: gradient norm is exactly 0: nothing was learned from this batch (all examples "
+                       "masked, or no trainable parameter reached by the loss)", step)
+    elif max_grad_norm and grad_norm > 1e3 * max_grad_norm:
+        logger.warning("step %d: gradient norm %.3g is %.0fx --optim.max_grad_norm: the update is clipped, but the run "
+                       "is likely diverging (learning rate too high?)", step, grad_norm, grad_norm / max_grad_norm)
+
+
+THROUGHPUT_SUMS = ("tokens/decoder", "tokens/sequences", "control/stop")
+
+
+def reduce_sums(sums: dict, device) -> dict[str, float]:
+    """Sum a step's per-rank sums over ranks: one all-reduce and one host read per step."""
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float32).to(device).reshape(()) for v in sums.values()])
+    return dict(zip(sums, parallel.all_reduce_sum(values).tolist()))
+
+
+def step_metrics(totals: dict) -> dict:
+    """TRL-named means of a step's (or an evaluation's) reduced sums."""
+    return metric_means({k: v for k, v in totals.items() if k not in THROUGHPUT_SUMS})
+
+
+def example_key(ex) -> tuple:
+    """A training example's key in the reference cache: its row, and its label (the two unpaired examples of a
+    preference pair share their row)."""
+    return ex.source_index, ex.label
 
 
 def _nll_scale(examples) -> torch.Tensor:
@@ -345,159 +460,56 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def frozen_copy(model):
-    ref = copy.deepcopy(model)
-    ref.requires_grad_(False)
-    return ref.eval()
-
-
-# ----------------------------------------------------------------------------------------------------
-# build
-# ----------------------------------------------------------------------------------------------------
-
-
-def load_model(cfg, device: torch.device):
-    """A transformers causal LM: random init from the config (seeded) or pretrained weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    dtype = getattr(torch, cfg.model.dtype)
-    try:
-        if cfg.model.random_init():
-            config = AutoConfig.from_pretrained(cfg.model.name, revision=cfg.model.revision,
-                                                trust_remote_code=cfg.model.trust_remote_code)
-            torch.manual_seed(cfg.seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(cfg.model.name, revision=cfg.model.revision, dtype=dtype,
-                                                         trust_remote_code=cfg.model.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--model.name={cfg.model.name!r}: cannot load a causal LM from it ({e})") from e
-    model.config.use_cache = False
-    return model.to(device)
-
-
-def apply_liger_kernels(model):
-    """Liger-Kernel's fused RMSNorm / RoPE / SwiGLU on the model body (the head is fastpo's)."""
-    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
-
-    _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
-
-
-def parallelize(scorer: Scorer, cfg, world: parallel.World, *, train: bool) -> Scorer:
-    if cfg.model.liger_kernels:
-        apply_liger_kernels(scorer.model)
-    if train and cfg.model.activation_checkpointing:
-        parallel.apply_activation_checkpointing(scorer.model)
-    if cfg.model.compile:
-        for block in parallel.decoder_blocks(scorer.model):
-            block.compile()
-    if world.size > 1:
-        mp = None
-        if cfg.parallel.param_dtype != "auto":
-            mp = parallel.mixed_precision(cfg.parallel.param_dtype, cfg.parallel.reduce_dtype)
-        elif world.device.type == "cuda":
-            mp = parallel.mixed_precision("bfloat16", cfg.parallel.reduce_dtype)
-        parallel.apply_fsdp(scorer, parallel.decoder_blocks(scorer.model), world, mp=mp,
-                            reshard_after_forward=cfg.parallel.reshard_after_forward)
-    return scorer
-
-
-def total_steps(cfg, num_examples: int) -> int:
-    if cfg.optim.num_steps is not None:
-        return cfg.optim.num_steps
-    return max(1, int(cfg.optim.num_epochs * (num_examples // cfg.data.batch_size)))
-
-
-def build(cfg, world: parallel.World):
-    """Tokenizer, data, policy, reference, optimizer and schedule; returns (Trainer, tokenizer, report)."""
-    from transformers import AutoTokenizer
-
-    from fastpo.config import check_data_format
-    from fastpo.data import load_preference_dataset
-
-    source = cfg.model.tokenizer or cfg.model.name
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.model.revision)
-    except (OSError, ValueError) as e:
-        flag = "--model.tokenizer" if cfg.model.tokenizer else "--model.name"
-        raise ValueError(f"{flag}={source!r}: cannot load a tokenizer from it ({e})") from e
-    if cfg.data.pad_token_id is None:
-        cfg.data.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train, held_out, report = load_preference_dataset(cfg.data, tokenizer)
-    check_data_format(cfg, report.format)
-    model = load_model(cfg, world.device)
-    reference = None
-    if not cfg.loss.reference_free:
-        if cfg.ref.name is None:
-            reference = frozen_copy(model)
-        else:
-            ref_cfg = copy.deepcopy(cfg)
-            ref_cfg.model.name, ref_cfg.model.init = cfg.ref.name, "pretrained"
-            reference = frozen_copy(load_model(ref_cfg, world.device))
-        reference = parallelize(Scorer(reference, backend=cfg.model.attn_backend, impl=cfg.model.head_impl,
-                                       extras=False), cfg, world, train=False)
-    policy = parallelize(Scorer(model, backend=cfg.model.attn_backend, impl=cfg.model.head_impl), cfg, world,
-                         train=True)
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                  weight_decay=o.weight_decay)
-    steps = total_steps(cfg, len(train))
-    scheduler = lr_schedule(optimizer, o.schedule, o.warmup_steps, steps, o.min_lr_ratio)
-    trainer = Trainer(cfg, world, policy, reference, optimizer, scheduler, (train, held_out), cfg.loss.hparams(),
-                      steps)
-    return trainer, tokenizer, report
-
-
-def lr_schedule(optimizer, kind: str, warmup_steps: int, total: int, min_ratio: float = 0.0):
-    """Linear warmup, then cosine / linear decay to `min_ratio` of the peak, or constant."""
-    decay = {
-        "cosine": lambda t: 0.5 * (1 + math.cos(math.pi * t)),
-        "linear": lambda t: 1 - t,
-        "constant": lambda t: 1.0,
-    }[kind]
-
-    def factor(step):
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        t = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
-        return min_ratio + (1 - min_ratio) * decay(t)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 # ----------------------------------------------------------------------------------------------------
 # the loop
 # ----------------------------------------------------------------------------------------------------
 
 
 def resolve_resume(cfg) -> str | None:
-    """--checkpoint.resume: a checkpoint path, or "latest" (the newest under --checkpoint.dir)."""
-    if cfg.checkpoint.resume != "latest":
-        return cfg.checkpoint.resume
-    marker = os.path.join(cfg.checkpoint.dir, "latest")
-    if not os.path.exists(marker):
+    """--checkpoint.resume: a checkpoint folder, or "latest" (the newest intact one under --checkpoint.dir,
+    falling back past damaged ones with a warning); None when there is nothing to resume (said in one line)."""
+    if cfg.checkpoint.resume is None:
         return None
-    with open(marker) as f:
-        return os.path.join(cfg.checkpoint.dir, f.read().strip())
+    return ckpt.find_resume(cfg.checkpoint.dir, cfg.checkpoint.resume)
 
 
-def run(trainer: Trainer, log) -> tuple[dict, dict]:
-    """Train to `trainer.num_steps`; returns held-out metrics (before, after)."""
+@dataclass
+class RunResult:
+    """Held-out metrics before and after training (`after` is {} when the run stopped on a signal), the wall
+    time of the training steps, and whether the run stopped early on a signal."""
+
+    before: dict
+    after: dict
+    train_runtime: float
+    stopped: bool = False
+
+
+def run(trainer: Trainer, log) -> RunResult:
+    """Train to `trainer.num_steps`, checkpointing every `--checkpoint.interval` steps; on SIGTERM, SIGINT or
+    SIGUSR1 finish the step, checkpoint and return early (`fastpo.stopping`)."""
+    from fastpo.stopping import GracefulStop
+
     cfg = trainer.cfg
+    fresh = trainer.state.step == 0
     before = trainer.evaluate()
-    log.log(trainer.state.step, before)
-    while trainer.state.step < trainer.num_steps:
-        metrics = trainer.train_step()
-        step = trainer.state.step
-        trainer.state.history.append({"step": step, **metrics})
-        log.log(step, metrics)
-        if not math.isfinite(metrics["loss"]):
-            path = trainer.checkpoint(f"nan-step-{step:07d}")
-            raise FloatingPointError(f"loss is {metrics['loss']} at step {step}; state saved to {path}")
-        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
-            trainer.checkpoint()
-        if cfg.logging.eval_interval and step % cfg.logging.eval_interval == 0 and step < trainer.num_steps:
-            log.log(step, trainer.evaluate())
+    if fresh:  # a resumed run's lineage logged its evaluations already
+        log.log(trainer.state.step, before)
+    start = time.perf_counter()
+    with GracefulStop(verbose=trainer.world.is_main) as stop:
+        trainer.stop = stop
+        while trainer.state.step < trainer.num_steps:
+            metrics = trainer.train_step()
+            step = trainer.state.step
+            trainer.state.history.append({"step": step, **metrics})
+            log.log(step, metrics)
+            saved = trainer.checkpoint() if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 else None
+            if trainer.stop_requested:
+                path = saved or trainer.checkpoint()
+                log.message(stop.resume_message(step, path))
+                return RunResult(before, {}, time.perf_counter() - start, stopped=True)
+            if cfg.logging.eval_interval and step % cfg.logging.eval_interval == 0 and step < trainer.num_steps:
+                log.log(step, trainer.evaluate())
+    runtime = time.perf_counter() - start
     after = trainer.evaluate()
     log.log(trainer.state.step, after)
-    return before, after
+    return RunResult(before, after, runtime)

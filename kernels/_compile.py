@@ -1,5 +1,5 @@
-"""What the kernel files share: the interpreter switch and its bf16 workarounds, and the specialization
-of ahead-of-time compiles."""
+"""What the kernel files share: the interpreter switch and its bf16 workarounds, the launch options, and the
+specialization of ahead-of-time compiles."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ import os
 import torch
 
 TORCH_TO_TRITON = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+FP_FUSION = {"enable_fp_fusion": True}
+"""Compile option of every fastpo launch and ahead-of-time compile. Fused multiply-add contraction changes
+bitwise results, so it is pinned per launch rather than inherited from TRITON_DEFAULT_FP_FUSION, whose
+default changes across Triton versions; pinning it here leaves other Triton users' kernels alone."""
 
 
 def interpreting() -> bool:

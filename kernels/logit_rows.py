@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastpo.kernels._compile import TORCH_TO_TRITON, divisibility_attrs, interpreting, store_dtype
+from fastpo.kernels._compile import FP_FUSION, TORCH_TO_TRITON, divisibility_attrs, interpreting, store_dtype
 
 # Columns per step: 4096 fp32 = 16 KiB per row per iteration keeps every load wide and the loop short.
 CUDA_BLOCK_V = 4096
@@ -137,7 +137,7 @@ def logit_rows_fwd(z_nV: torch.Tensor, targets_n: torch.Tensor, ignore_index: in
     lse, logp, mean, lsq = out.unbind(0)
     _logit_rows_fwd_kernel[(n,)](
         z_nV, targets_n.to(torch.int32), lse, logp, mean, lsq, V, z_nV.stride(0), ignore_index,
-        BLOCK_V=_block_v(z_nV.device), num_warps=8 if z_nV.is_cuda else 1,
+        BLOCK_V=_block_v(z_nV.device), num_warps=8 if z_nV.is_cuda else 1, **FP_FUSION,
     )  # fmt: skip
     return lse, logp, mean, lsq
 
@@ -155,7 +155,7 @@ def logit_rows_bwd(z_nV, lse_n, targets_n, grad_n, *, ignore_index, scale, softc
     _logit_rows_bwd_kernel[(n, triton.cdiv(V, block_v))](
         z_nV, lse_n, targets_n.to(torch.int32), grad_n.float().contiguous(), dz, V, z_nV.stride(0), dz.stride(0),
         ignore_index, scale, 1.0 / (softcap * scale) if softcap is not None else 1.0,
-        SOFTCAP=softcap is not None, BLOCK_V=block_v, num_warps=8 if z_nV.is_cuda else 1,
+        SOFTCAP=softcap is not None, BLOCK_V=block_v, num_warps=8 if z_nV.is_cuda else 1, **FP_FUSION,
     )  # fmt: skip
     return dz.to(out_dtype)
 
@@ -166,14 +166,14 @@ def aot_specs():
     const = {"BLOCK_V": CUDA_BLOCK_V}
     sig = {"z_ptr": "*fp32", "targets_ptr": "*i32", "lse_ptr": "*fp32", "logp_ptr": "*fp32", "mean_ptr": "*fp32",
            "lsq_ptr": "*fp32", "V": "i32", "stride_zn": "i32", "ignore_index": "i32", "BLOCK_V": "constexpr"}
-    yield "rows-fwd", _logit_rows_fwd_kernel, sig, const, _divisible(sig), {"num_warps": 8}
+    yield "rows-fwd", _logit_rows_fwd_kernel, sig, const, _divisible(sig), {"num_warps": 8, **FP_FUSION}
     for dtype, ty in TORCH_TO_TRITON.items():
         for softcap in (False, True):
             sig = {"z_ptr": "*fp32", "lse_ptr": "*fp32", "targets_ptr": "*i32", "grad_ptr": "*fp32",
                    "dz_ptr": f"*{ty}", "V": "i32", "stride_zn": "i32", "stride_dzn": "i32", "ignore_index": "i32",
                    "scale": "fp32", "inv_cap_scale": "fp32", "SOFTCAP": "constexpr", "BLOCK_V": "constexpr"}
             yield (f"rows-bwd-{ty}-cap{int(softcap)}", _logit_rows_bwd_kernel, sig, const | {"SOFTCAP": softcap},
-                   _divisible(sig), {"num_warps": 8})
+                   _divisible(sig), {"num_warps": 8, **FP_FUSION})
 
 
 def _divisible(sig):

@@ -8,9 +8,9 @@ Shapes: N tokens, H hidden size, V vocabulary, S vocabulary splits, C tokens per
     logp_t = z_t,y_t - logsumexp_v z_tv
 
 Forward (`_logprobs_fwd_kernel`): a BLOCK_N x BLOCK_V tiled GEMM over H whose epilogue folds each logit
-tile into online log-sum-exp partials (fastpo.ops.Partials) per (row, split); the target logit is
+tile into online log-sum-exp partials (fastpo.kernels.partials.Partials) per (row, split); the target logit is
 picked from the same fp32 accumulator. The vocabulary is split over grid axis 1 so that small N still
-fills the GPU; `fastpo.ops.combine_partials` merges the splits in a fixed order (deterministic, no
+fills the GPU; `fastpo.kernels.partials.combine_partials` merges the splits in a fixed order (deterministic, no
 atomics). Only `lse` [N] is kept for backward.
 
 Backward (`_logprobs_bwd_kernel`): per chunk of C rows, recompute the logit tiles and write
@@ -37,19 +37,29 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from fastpo.kernels._compile import TORCH_TO_TRITON, divisibility_attrs, interpreting, store_dtype, upcast_dot
-from fastpo.ops import HeadParams, Partials, TokenStats, addmm_fp32_, combine_partials, pack_extras, unpack_extras
-
-# Fused-multiply-add contraction changes bitwise results; pin it instead of inheriting a default that
-# changes across Triton versions.
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+from fastpo.kernels._compile import (
+    FP_FUSION,
+    TORCH_TO_TRITON,
+    divisibility_attrs,
+    interpreting,
+    store_dtype,
+    upcast_dot,
+)
+from fastpo.kernels.partials import (
+    HeadParams,
+    Partials,
+    TokenStats,
+    addmm_fp32_,
+    combine_partials,
+    pack_extras,
+    unpack_extras,
+)
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -390,6 +400,7 @@ def logprobs_fwd(hidden_NH, weight_VH, bias_V, targets_N, params: HeadParams, nu
         BLOCK_H=cfg.BLOCK_H,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **FP_FUSION,
     )
     stats, lse = combine_partials(partials, targets_N != params.ignore_index, V, params.extras)
     return stats, lse, order, count
@@ -443,6 +454,7 @@ def logprobs_bwd(grad_N, hidden_NH, weight_VH, bias_V, targets_N, lse_N, order, 
             BLOCK_H=cfg.BLOCK_H,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
+            **FP_FUSION,
         )
         dz = dz_CV[:rows].to(hidden_NH.dtype)
         src = order[c0 : c0 + rows]
@@ -496,7 +508,7 @@ def aot_specs(configs=None):
 
 
 def _options(cfg: KernelConfig) -> dict:
-    return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **FP_FUSION}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ def _cpu(monkeypatch):
     monkeypatch.setattr(bench_train, "DEVICE", "cpu")
 
 
-@pytest.mark.parametrize("provider", ["fastpo", "fastpo-unshared"])
+@pytest.mark.parametrize("provider", ["fastpo", "fastpo-generic", "fastpo-unshared"])
 def test_train_providers_match_naive(provider):
     naive_loss, naive_grads = _loss_and_grads("naive")
     loss, grads = _loss_and_grads(provider)

@@ -104,7 +104,7 @@ def test_field_validation(argv, match):
     (["--loss.name", "dpp"], r"unknown loss 'dpp'.*dpo"),
     (["--loss.name", "dpo", "--loss.simpo_gamma", "1.0"], r"--loss\.simpo_gamma.*does not use it"),
     (["--data.format", "kto", "--loss.name", "dpo"], r"--data\.format=kto.*unpaired objectives"),
-    (["--data.format", "preference", "--loss.name", "kto"], r"--loss\.name \['kto'\] is unpaired.*--data\.format kto"),
+    (["--data.format", "ranked", "--loss.name", "kto"], r"--loss\.name \['kto'\] is unpaired.*kto rows.*ranked lists"),
     (["--loss.loss_type", "kto,sigmoid"], r"--loss\.loss_type.*cannot be combined"),
     (["--data.format", "kto", "--loss.name", "kto", "--loss.ld_alpha", "0.5"], r"--loss\.ld_alpha.*one response"),
     (["--data.format", "kto", "--loss.name", "kto", "--loss.use_weighting"], r"--loss\.use_weighting.*one response"),
@@ -148,5 +148,6 @@ def test_unpaired_traits():
     cfg = parse_args(["--loss.name", "kto", "--loss.undesirable_weight", "2"])
     assert cfg.loss.hparams() == {"beta": 0.1, "use_weighting": False, "undesirable_weight": 2.0}
     config.check_data_format(cfg, "kto")
-    with pytest.raises(ValueError, match=r"detected format 'preference'"):
-        config.check_data_format(cfg, "preference")
+    config.check_data_format(cfg, "preference")  # pairs are unpaired by the data layer
+    with pytest.raises(ValueError, match=r"detected format 'ranked'"):
+        config.check_data_format(cfg, "ranked")

@@ -298,5 +298,8 @@ def test_bad_layout():
         ResponseLayout(torch.zeros(4, dtype=torch.long), torch.tensor([[0, 0]]))
     with pytest.raises(ValueError, match="token_response values must lie"):
         ResponseLayout(torch.tensor([0, 2]), torch.tensor([[0, 1]]))
-    with pytest.raises(ValueError, match="do not fill"):
-        ResponseLayout.from_groups(torch.zeros(3, dtype=torch.long), torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0]))
+    # a group may be smaller than the largest one, but its ranks must be 0 .. k-1 without a gap
+    ragged = ResponseLayout.from_groups(torch.zeros(3, dtype=torch.long), torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0]))
+    assert ragged.sizes == (2, 1) and ragged.group_index.tolist() == [[0, 1], [2, -1]]
+    with pytest.raises(ValueError, match="ranks 0 .. size-1"):
+        ResponseLayout.from_groups(torch.zeros(3, dtype=torch.long), torch.tensor([0, 0, 1]), torch.tensor([0, 2, 0]))

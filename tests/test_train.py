@@ -56,7 +56,7 @@ def test_embedded_default_learns(tmp_path):
     line = next(ln for ln in out.splitlines() if "held-out preference accuracy" in ln)
     before, after = float(line.split("before")[1].split()[0]), float(line.split("after")[1].split()[0])
     assert after >= 0.8 > before, line
-    records = [json.loads(x) for x in open(tmp_path / "outputs" / "metrics.jsonl")]
+    records = [r for r in map(json.loads, open(tmp_path / "outputs" / "metrics.jsonl")) if "eval/loss" in r]
     assert records[-1]["eval/rewards/margins"] > records[0]["eval/rewards/margins"]
 
 
@@ -138,7 +138,8 @@ def test_export_loads_with_transformers_and_gives_same_logprobs(tmp_path):
     from fastpo import parallel
     from fastpo.config import parse_args
     from fastpo.logs import RunLog
-    from fastpo.trainer import build, pack, run
+    from fastpo.build import build
+    from fastpo.trainer import pack, run
 
     cfg = parse_args([*FAST, "--optim.num_steps", "2", "--logging.out_dir", str(tmp_path), "--device", "cpu"])
     world = parallel.init_world("cpu")
@@ -148,8 +149,8 @@ def test_export_loads_with_transformers_and_gives_same_logprobs(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
     batch = pack(trainer.eval_examples[:6], cfg)
     with torch.no_grad():
-        ours = trainer.policy(batch).logp_sum
-        theirs = type(trainer.policy)(loaded)(batch).logp_sum
+        ours = trainer.policy(batch)
+        theirs = type(trainer.policy)(loaded)(batch)
     torch.testing.assert_close(theirs, ours, rtol=1e-6, atol=1e-6)
     assert (tmp_path / "export" / "model.safetensors").exists()
     assert (tmp_path / "export" / "tokenizer.json").exists()
@@ -162,10 +163,10 @@ def test_export_loads_with_transformers_and_gives_same_logprobs(tmp_path):
         (["--data.dataset", "/nonexistent/data.jsonl"], "/nonexistent/data.jsonl"),
         (["--loss.name", "simpo", "--ref.name", "some/model"], "reference-free"),
         (["--loss.name", "dpoo"], "did you mean"),
-        (["--loss.name", "kto"], "needs --data.format kto rows"),  # demo data detected as paired
+        (["--loss.name", "kto", "--data.format", "ranked"], "ranked"),  # ranked lists cannot be unpaired
         (["--loss.name", "mrpo"], "several reference models"),
     ],
-    ids=["unknown-model", "unknown-dataset", "ref-with-reference-free-loss", "unknown-loss", "kto-on-paired-data",
+    ids=["unknown-model", "unknown-dataset", "ref-with-reference-free-loss", "unknown-loss", "kto-on-ranked-data",
          "multi-reference-not-wired"],
 )
 def test_bad_input_fails_before_training(tmp_path, args, message):
@@ -173,25 +174,6 @@ def test_bad_input_fails_before_training(tmp_path, args, message):
         train_cli.main([*FAST, "--logging.out_dir", str(tmp_path), *args])
     assert message in str(info.value)
     assert not (tmp_path / "metrics.jsonl").exists() or "loss" not in (tmp_path / "metrics.jsonl").read_text()
-
-
-def test_nan_loss_stops_with_checkpoint(tmp_path, monkeypatch):
-    import fastpo.trainer as trainer_mod
-
-    real = trainer_mod.preference_loss
-    calls = {"n": 0}
-
-    def poisoned(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls["n"] += 1
-        return out._replace(losses=out.losses * float("nan")) if calls["n"] > 3 else out
-
-    monkeypatch.setattr(trainer_mod, "preference_loss", poisoned)
-    ckpt = tmp_path / "ckpt"
-    with pytest.raises(FloatingPointError, match="loss is nan at step"):
-        train_cli.main([*FAST, "--logging.out_dir", str(tmp_path), "--checkpoint.dir", str(ckpt),
-                        "--data.max_eval_examples", "8", "--device", "cpu"])
-    assert any(p.name.startswith("nan-step-") for p in ckpt.iterdir())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -245,7 +227,7 @@ def one_thread():
 def _build(tmp_path, args):
     from fastpo import parallel
     from fastpo.config import parse_args, validate
-    from fastpo.trainer import build
+    from fastpo.build import build
 
     cfg = parse_args([*FAST, "--logging.out_dir", str(tmp_path), "--device", "cpu", *args])
     validate(cfg)
@@ -338,7 +320,8 @@ def test_kto_learns_and_its_reference_point_is_direct(tmp_path, one_thread):
     trainer = _build(tmp_path, ["--data.dataset", train, "--data.eval_dataset", held_out, "--data.format", "kto",
                                 "--loss.name", "kto", "--data.batch_size", "16", "--optim.num_steps", "40",
                                 "--optim.warmup_steps", "2", "--data.max_eval_examples", "63"])
-    before, after = run(trainer, logs.RunLog(trainer.cfg, 40, enabled=False))
+    result = run(trainer, logs.RunLog(trainer.cfg, 40, enabled=False))
+    before, after = result.before, result.after
     assert before["eval/count/chosen"] + before["eval/count/rejected"] == 63
     assert after["eval/rewards/margins"] > 1.0 > abs(before["eval/rewards/margins"]), (before, after)
     assert after["eval/loss"] < before["eval/loss"] - 0.1, (before, after)

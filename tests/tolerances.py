@@ -25,15 +25,24 @@ def _where(x, truth):
     return f"worst flat index {i}: got {x.flatten()[i].item():.6g}, want {truth.flatten()[i].item():.6g}"
 
 
+def error_bound(truth, *, dtype, same_dtype=None) -> float:
+    """The largest `relative_error` a result computed from `dtype` inputs may have against `truth`: RTOL for
+    fp32 / float64; for half dtypes 2x the error of `same_dtype` (PyTorch's own result in that dtype) + ATOL.
+    Also used by the GPU session (`bench.session.checks`), which records errors instead of asserting."""
+    if dtype in RTOL:
+        return RTOL[dtype]
+    if same_dtype is None:
+        raise ValueError(f"{dtype} inputs need PyTorch's same-dtype result")
+    return 2 * relative_error(same_dtype, truth) + ATOL[dtype]
+
+
 def assert_parity(name, x, truth, *, dtype, same_dtype=None):
     """`x`, computed from inputs of `dtype`, against the ground truth `truth`. For half `dtype`,
     `same_dtype` is the ordinary PyTorch result computed from the same inputs in that dtype."""
     assert x.shape == truth.shape, f"{name}: shape {tuple(x.shape)} != {tuple(truth.shape)}"
     assert torch.isfinite(x).all(), f"{name}: non-finite values"
     err = relative_error(x, truth)
-    if dtype in RTOL:
-        assert err <= RTOL[dtype], f"{name}: rel. error {err:.3g} > {RTOL[dtype]:.1g}; {_where(x, truth)}"
-        return
-    assert same_dtype is not None, f"{name}: {dtype} inputs need PyTorch's same-dtype result"
-    bound = 2 * relative_error(same_dtype, truth) + ATOL[dtype]
-    assert err <= bound, f"{name}: rel. error {err:.3g} > bound {bound:.3g} (2x PyTorch {dtype}); {_where(x, truth)}"
+    assert dtype in RTOL or same_dtype is not None, f"{name}: {dtype} inputs need PyTorch's same-dtype result"
+    bound = error_bound(truth, dtype=dtype, same_dtype=same_dtype)
+    why = f"> {bound:.1g}" if dtype in RTOL else f"> bound {bound:.3g} (2x PyTorch {dtype})"
+    assert err <= bound, f"{name}: rel. error {err:.3g} {why}; {_where(x, truth)}"

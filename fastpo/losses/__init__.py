@@ -9,7 +9,8 @@
 - `FusedLinear{DPO,SimPO,ORPO,CPO,KTO}Loss`: drop-in replacements for Liger-Kernel's modules.
 """
 
-from fastpo.losses.functional import fused_linear_preference_loss, plan_chunks, response_logps
+from fastpo.losses.functional import fused_linear_preference_loss, plan_chunks, resolve_path, response_logps
+from fastpo.losses.metrics import add_sums, metric_means, metric_sums
 from fastpo.losses.modules import (
     FusedLinearCPOLoss,
     FusedLinearDPOLoss,
@@ -43,7 +44,7 @@ __all__ = [
     "LOSSES", "Objective", "preference_loss", "is_pair_local", "kto_reference_point",
     "dpo_loss", "simpo_loss", "cpo_loss", "orpo_loss", "kto_loss", "plackett_luce_loss", "sequence_logps",
     "ld_weights", "fused_linear_preference_loss", "fused_linear_preference_loss_ref", "plan_chunks",
-    "response_logps",
+    "response_logps", "resolve_path", "metric_sums", "metric_means", "add_sums",
     "FusedLinearDPOLoss", "FusedLinearSimPOLoss", "FusedLinearORPOLoss", "FusedLinearCPOLoss", "FusedLinearKTOLoss",
     "PreferenceInputs", "LossOutput", "PairLosses", "UnpairedLosses", "FusedLossOutput", "ResponseLayout",
     "SequenceStats",

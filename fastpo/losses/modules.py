@@ -9,9 +9,9 @@ already shifted) and the same return structure; the modules only store hyperpara
 - an option that has no effect raises instead of being ignored (e.g. `label_smoothing` with
   `loss_type="sigmoid"`; use "robust" or "cdpo"); `use_ref_model=True` without `ref_input` raises.
 - the DPO module accepts every pairwise `loss_type` of the registry (including "ipo" and "sigmoid_norm").
-- ORPO's log-odds use a stable log1mexp (Liger's `log1p(-exp(x))` loses precision near 0). With
-  `nll_target`, the NLL is the token mean over all chosen rows; Liger divides by the token count of the first
-  B // 2 rows of `nll_target` only.
+- ORPO's log-odds use a stable log1mexp (Liger's `log1p(-exp(x))` loses precision near 0). `nll_target` is
+  Liger's full `[2B, T]` tensor (its chosen half is used) or just the chosen rows `[B, T]`; the NLL is the token
+  mean over the chosen rows' NLL targets.
 - `compiled` is accepted for compatibility; the chunks are not `torch.compile`d. `chunk_size` is the number
   of pairs (examples) per chunk, as in Liger.
 """
@@ -45,6 +45,16 @@ def _chunk_tokens(chunk_size, target, rows_per_group):
 
 def _nll_loss(metrics, like):
     return metrics.get("nll_loss", torch.zeros((), device=like.device))
+
+
+def _chosen_nll_targets(nll_target, target, ignore_index):
+    """`[2B, T]` NLL targets for the whole batch: the chosen rows' NLL targets, `ignore_index` on rejected rows."""
+    B = target.shape[0] // 2
+    if nll_target.dim() != 2 or nll_target.shape[0] not in (B, 2 * B) or nll_target.shape[1:] != target.shape[1:]:
+        raise ValueError(f"nll_target must be [2B, T] = {[2 * B, *target.shape[1:]]} (chosen half used) or "
+                         f"[B, T] = {[B, *target.shape[1:]]}, got {list(nll_target.shape)}")
+    chosen = nll_target[:B]
+    return torch.cat([chosen, torch.full_like(chosen, ignore_index)])
 
 
 def _pair_outputs(out):
@@ -138,8 +148,8 @@ class FusedLinearCPOLoss(_FusedPairModule):
 
 class FusedLinearORPOLoss(_FusedPairModule):
     """`LigerFusedLinearORPOLoss`: NLL (when `compute_nll_loss`) - beta * log sigmoid(log-odds ratio) on mean
-    log-probs. Returns the 7-tuple plus `log_odds_ratio`, `log_odds_chosen`. `nll_target` `[B, T]` gives the
-    NLL its own targets for the chosen rows."""
+    log-probs. Returns the 7-tuple plus `log_odds_ratio`, `log_odds_chosen`. `nll_target` (`[2B, T]` as Liger's
+    callers pass it, or the chosen rows `[B, T]`) gives the NLL its own targets for the chosen rows."""
 
     def __init__(self, ignore_index=-100, beta=0.1, compute_nll_loss=True, compiled=True, chunk_size=1):
         super().__init__()
@@ -150,7 +160,7 @@ class FusedLinearORPOLoss(_FusedPairModule):
     def forward(self, lin_weight, _input, target, bias=None, nll_target=None):
         extra = {}
         if nll_target is not None:
-            extra["nll_targets"] = torch.cat([nll_target, torch.full_like(nll_target, self.ignore_index)])
+            extra["nll_targets"] = _chosen_nll_targets(nll_target, target, self.ignore_index)
         out = self._call(lin_weight, _input, target, bias, **extra)
         m = out.metrics
         return out.loss, (*_pair_outputs(out), m["log_odds_ratio"], m["log_odds_chosen"])

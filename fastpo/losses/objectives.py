@@ -155,6 +155,7 @@ def nll_terms(inputs: PreferenceInputs) -> torch.Tensor:
 
 
 def _out(losses, rewards, **metrics):
+    """LossOutput with detached per-example metrics (each [G]; reported as their mean over examples)."""
     return LossOutput(losses, rewards, {k: v.detach() for k, v in metrics.items()})
 
 
@@ -337,7 +338,7 @@ def sft(inputs, *, beta=0.1):
     broadcasts the batch mean instead (same mean and gradient). `beta` only scales the reported rewards.
     """
     nll = nll_terms(inputs)
-    return _out(nll, _rewards(inputs, beta), nll_loss=nll.mean())
+    return _out(nll, _rewards(inputs, beta), nll_loss=nll)
 
 
 def rpo(inputs, *, beta=0.1, rpo_alpha=1.0, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5):
@@ -347,7 +348,7 @@ def rpo(inputs, *, beta=0.1, rpo_alpha=1.0, f_divergence_type="reverse_kl", f_al
     _check_weight(rpo_alpha, "rpo_alpha")
     z = _margin_logit(inputs, beta, "rpo", f_divergence_type, f_alpha_divergence_coef)
     nll = nll_terms(inputs)
-    return _out(-F.logsigmoid(z) + rpo_alpha * nll, _rewards(inputs, beta), nll_loss=nll.mean())
+    return _out(-F.logsigmoid(z) + rpo_alpha * nll, _rewards(inputs, beta), nll_loss=nll)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -385,7 +386,7 @@ def cpo(inputs, *, beta=0.1, label_smoothing=0.0, cpo_alpha=1.0):
     if cpo_alpha:
         nll = nll_terms(inputs)
         losses = losses + cpo_alpha * nll
-        metrics["nll_loss"] = nll.mean()
+        metrics["nll_loss"] = nll
     return _out(losses, (b * _up(inputs.logps)).detach(), **metrics)
 
 
@@ -406,7 +407,7 @@ def orpo(inputs, *, beta=0.1, compute_nll_loss=True):
 
     lo(M) = M - log(1 - e^M) (log-odds of the mean token log-prob M = S / n);
     L = NLL_w - lambda log sigmoid(lo(M_w) - lo(M_l)), lambda = beta;  rewards beta M.
-    Metrics: log_odds_ratio = mean log sigmoid(lo_w - lo_l), log_odds_chosen = mean (lo_w - lo_l).
+    Metrics (per example): log_odds_ratio = log sigmoid(lo_w - lo_l), log_odds_chosen = lo_w - lo_l.
     """
     _check_beta(beta)
     _no_margin(inputs, "orpo")
@@ -415,12 +416,12 @@ def orpo(inputs, *, beta=0.1, compute_nll_loss=True):
     lo_w, lo_l = _pair(log_odds, "orpo")
     ratio = F.logsigmoid(lo_w - lo_l)
     losses = -_beta(inputs, beta) * ratio[:, None]
-    metrics = {"log_odds_ratio": ratio.mean(), "log_odds_chosen": (lo_w - lo_l).mean()}
+    metrics = {"log_odds_ratio": ratio, "log_odds_chosen": lo_w - lo_l}
     losses = losses[:, 0]
     if compute_nll_loss:
         nll = nll_terms(inputs)
         losses = losses + nll
-        metrics["nll_loss"] = nll.mean()
+        metrics["nll_loss"] = nll
     return _out(losses, (_beta(inputs, beta) * mean_logps).detach(), **metrics)
 
 
@@ -452,7 +453,7 @@ def kto(inputs, *, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0):
     sign = torch.where(labels, 1.0, -1.0)
     lam = torch.where(labels, float(desirable_weight), float(undesirable_weight))
     losses = lam * (1.0 - torch.sigmoid(b * (rho - z0) * sign))
-    return _out(losses, _rewards(inputs, beta), kl=z0)
+    return _out(losses, _rewards(inputs, beta), kl=z0.expand(rho.shape[0]))
 
 
 def kto_reference_point(kl_logps, kl_ref_logps):

@@ -31,13 +31,14 @@ def fused_linear_preference_loss_ref(
     ref_hidden=None, ref_weight=None, ref_bias=None, ref_logps=None, ref_weights=None,
     token_weights=None, ld_alpha=None, average_log_prob=False, use_weighting=False, loss_weights=None,
     pair_beta=None, pair_margin=None, pair_weight=None, labels=None, kl=None, nll_targets=None,
+    example_mask=None, nll_scale=None, normalizer=None,
     ignore_index=-100, temperature=1.0, softcap=None, upcast=True, allow_empty_completions=True, **hparams,
 ) -> FusedLossOutput:
     """Materialized-logits version of `fused_linear_preference_loss`; differentiable by plain autograd.
     Empty completions are not checked here (`allow_empty_completions` is accepted for call parity)."""
     head = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, upcast=upcast)
     layout = _layout(targets, layout, labels is not None)
-    targets_N = targets.reshape(-1)
+    targets_N = targets.reshape(-1).long()
     valid_N = targets_N != ignore_index
     weights_N = S.token_weights_for(layout, valid_N, token_weights, ld_alpha)
     stats = token_stats_ref(hidden, weight, targets_N, bias=bias, **head)
@@ -53,6 +54,6 @@ def fused_linear_preference_loss_ref(
                    nll_valid_N=nll_N != ignore_index)
     config = S.PreferenceConfig(loss_names(loss_type), None if loss_weights is None else tuple(loss_weights),
                                 use_weighting, average_log_prob, dict(hparams))
-    data = S.GroupData(pair_beta, pair_margin, pair_weight, labels, kl, ref_weights)
+    data = S.GroupData(pair_beta, pair_margin, pair_weight, labels, kl, ref_weights, example_mask)
     return S.objective_from_token_stats(stats, targets_N, layout, ref_R, data, config, ignore_index=ignore_index,
-                                        weights_N=weights_N, **nll)
+                                        weights_N=weights_N, scale=nll_scale, normalizer=normalizer, **nll)

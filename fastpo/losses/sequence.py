@@ -131,7 +131,8 @@ def kto_loss(policy_logps, ref_logps, labels, *, beta=0.1, kl=None, desirable_we
                               labels=labels.bool(), kl=kl)
     weights = dict(desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
     out = preference_loss(loss_type, inputs, beta=beta, **(weights if loss_type == "kto" else {}))
-    return UnpairedLosses(out.losses, out.rewards[:, 0], out.metrics.get("kl", torch.zeros(())))
+    z0 = torch.zeros((), device=policy_logps.device) if kl is None else kl.detach().float()
+    return UnpairedLosses(out.losses, out.rewards[:, 0], z0)
 
 
 def plackett_luce_loss(policy_logps, ref_logps=None, *, beta=0.1) -> LossOutput:

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 
+from fastpo.losses.metrics import metric_means, metric_sums
 from fastpo.losses.objectives import preference_loss
 from fastpo.losses.types import FusedLossOutput, LossOutput, PreferenceInputs, ResponseLayout, SequenceStats
 
@@ -27,11 +28,16 @@ class GroupData(NamedTuple):
     labels: torch.Tensor | None = None
     kl: torch.Tensor | None = None
     ref_weights: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    """[G] example mask: a 0 example adds no loss, no gradient and no metric (padding examples)."""
+
+    PER_GROUP = ("beta", "margin", "weight", "labels", "mask")
 
     def slice(self, g0: int, g1: int) -> GroupData:
-        cut = lambda t: None if t is None else t[g0:g1]  # noqa: E731
-        return self._replace(beta=cut(self.beta), margin=cut(self.margin), weight=cut(self.weight),
-                             labels=cut(self.labels))
+        return self._replace(**{k: getattr(self, k)[g0:g1] for k in self.PER_GROUP if getattr(self, k) is not None})
+
+    def take(self, groups: torch.Tensor) -> GroupData:
+        return self._replace(**{k: getattr(self, k)[groups] for k in self.PER_GROUP if getattr(self, k) is not None})
 
 
 @dataclass(frozen=True)
@@ -114,7 +120,7 @@ def nll_scale(layout: ResponseLayout, num_tokens_R: torch.Tensor) -> torch.Tenso
 
 def build_inputs(seq: SequenceStats, ref_R, group_index, data: GroupData, config: PreferenceConfig,
                  scale: torch.Tensor) -> PreferenceInputs:
-    """Per-response `[R]` (or `[M, R]` references) to the objective's `[G, K]` inputs."""
+    """Per-response `[R]` (or `[M, R]` references) to the objective's `[G, K]` inputs of one bucket."""
     to_groups = lambda x: None if x is None else x[..., group_index]  # noqa: E731
     logps, ref, n = to_groups(seq.logps), to_groups(ref_R), to_groups(seq.num_tokens)
     if config.average_log_prob:
@@ -128,70 +134,97 @@ def build_inputs(seq: SequenceStats, ref_R, group_index, data: GroupData, config
     )
 
 
-def _masked_mean(x, mask):
-    mask = mask.float()
-    return (x.float() * mask).sum() / mask.sum().clamp(min=1.0)
+class GroupResult(NamedTuple):
+    """The objective's per-group results on a whole batch, ranks padded to the largest group (0 where absent).
 
-
-def _role_masks(inputs: PreferenceInputs):
-    """[G, K] masks of chosen and rejected responses: rank 0 vs ranks >= 1, or KTO labels when K = 1."""
-    G, K = inputs.logps.shape
-    if K == 1:
-        labels = inputs.labels
-        labels = torch.ones(G, dtype=torch.bool, device=inputs.logps.device) if labels is None else labels.bool()
-        return labels[:, None], ~labels[:, None]
-    rank = torch.arange(K, device=inputs.logps.device).expand(G, K)
-    return rank == 0, rank > 0
-
-
-def preference_metrics(out: LossOutput, inputs: PreferenceInputs, logits_sum, num_tokens) -> dict:
-    """TRL's metrics (LOSSES.md section 3), as detached 0-d tensors, over completion tokens only.
-
-    rewards/{chosen,rejected,margins,accuracies}, logps/{chosen,rejected}, logits/{chosen,rejected}, plus the
-    objective's own metrics (nll_loss, log_odds_ratio, kl, ...). With K > 2 "rejected" pools ranks >= 1 and an
-    accurate group has its best response strictly above all others; with K = 1 (KTO) the labels split roles.
+    losses      [G] per-example losses (objective weights, per-pair weights and the example mask applied)
+    rewards     [G, K] detached implicit rewards
+    logps       [G, K] the policy log-probs fed to the objective (S, S^w, or S / n), detached
+    num_tokens  [G, K] completion-token counts
+    logits_sum  [G, K] sums over completion tokens of the per-token mean logit
+    present     [G, K] bool: rank k of group g holds a response
+    metrics     the objective's own per-example metrics, each [G]
+    labels      [G] bool desirability (unpaired data) or None
+    mask        [G] example mask (1 real, 0 padding example) or None
     """
-    chosen, rejected = _role_masks(inputs)
-    rewards, logps = out.rewards.detach(), inputs.logps.detach()
-    metrics = {
-        "rewards/chosen": _masked_mean(rewards, chosen),
-        "rewards/rejected": _masked_mean(rewards, rejected),
-        "logps/chosen": _masked_mean(logps, chosen),
-        "logps/rejected": _masked_mean(logps, rejected),
-        "logits/chosen": (logits_sum * chosen).sum() / (num_tokens * chosen).sum().clamp(min=1.0),
-        "logits/rejected": (logits_sum * rejected).sum() / (num_tokens * rejected).sum().clamp(min=1.0),
-    }
-    metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-    if inputs.group_size > 1:
-        best_other = rewards[:, 1:].amax(-1)
-        metrics["rewards/accuracies"] = (rewards[:, 0] > best_other).float().mean()
-    return metrics | {k: v.detach() for k, v in out.metrics.items()}
+
+    losses: torch.Tensor
+    rewards: torch.Tensor
+    logps: torch.Tensor
+    num_tokens: torch.Tensor
+    logits_sum: torch.Tensor
+    present: torch.Tensor
+    metrics: dict
+    labels: torch.Tensor | None
+    mask: torch.Tensor | None
 
 
-def finish(loss, out: LossOutput, inputs: PreferenceInputs, seq: SequenceStats, group_index) -> FusedLossOutput:
-    """Assemble the public output (metrics computed on the whole batch)."""
-    logits_sum, n = seq.logits_sum[group_index], seq.num_tokens[group_index]
+def evaluate(seq: SequenceStats, ref_R, layout: ResponseLayout, data: GroupData, config: PreferenceConfig,
+             scale: torch.Tensor) -> GroupResult:
+    """Run the objective on every bucket of equal-size groups (one bucket unless sizes differ) and assemble
+    the per-group results. The only place objectives meet per-response statistics: the generic path, each
+    pair-fused chunk and the reporting pass all come through here."""
+    parts = []
+    for bucket in layout.buckets():
+        sub = data if bucket.groups is None else data.take(bucket.groups)
+        inputs = build_inputs(seq, ref_R, bucket.index, sub, config, scale)
+        parts.append((bucket, inputs, config(inputs)))
+    losses, rewards, logps, metrics = _assemble(parts, layout)
+    if data.mask is not None:
+        losses = losses * data.mask.to(losses.dtype)
+    present = layout.present
+    padded = lambda x: torch.where(present, x[layout.group_index.clamp(min=0)], 0.0)  # noqa: E731
+    return GroupResult(losses, rewards, logps, padded(seq.num_tokens), padded(seq.logits_sum).detach(), present,
+                       metrics, data.labels, data.mask)
+
+
+def _assemble(parts, layout: ResponseLayout):
+    """(losses [G], rewards [G, K], logps [G, K], metrics {name: [G]}) from the buckets' outputs."""
+    if len(parts) == 1 and parts[0][0].groups is None:
+        _, inputs, out = parts[0]
+        return out.losses, out.rewards.detach(), inputs.logps.detach(), out.metrics
+    G, K = layout.group_index.shape
+    like = parts[0][2].losses
+    losses = like.new_zeros(G)
+    rewards = like.new_zeros(G, K)
+    logps = like.new_zeros(G, K)
+    metrics = {name: like.new_zeros(G) for name in parts[0][2].metrics}
+    for bucket, inputs, out in parts:
+        k = bucket.size
+        losses = losses.index_put((bucket.groups,), out.losses)
+        rewards[bucket.groups, :k] = out.rewards.detach().to(rewards.dtype)
+        logps[bucket.groups, :k] = inputs.logps.detach().to(logps.dtype)
+        for name, value in out.metrics.items():
+            metrics[name][bucket.groups] = value.to(like.dtype)
+    return losses, rewards, logps, metrics
+
+
+def finish(loss, result: GroupResult) -> FusedLossOutput:
+    """The public output: per-group values, and the metrics as sums (for reduction) and means."""
+    sums = metric_sums(result)
     return FusedLossOutput(
-        loss=loss, losses=out.losses.detach(), rewards=out.rewards.detach(), logps=inputs.logps.detach(),
-        num_tokens=n, logits_sum=logits_sum, metrics=preference_metrics(out, inputs, logits_sum, n),
+        loss=loss, losses=result.losses.detach(), rewards=result.rewards, logps=result.logps,
+        num_tokens=result.num_tokens, logits_sum=result.logits_sum, present=result.present,
+        metrics=metric_means(sums), metric_sums=sums,
     )
 
 
 def objective_from_token_stats(stats, targets_N, layout, ref_R, data, config, *, ignore_index=-100,
-                               weights_N=None, nll_logp_N=None, nll_valid_N=None):
+                               weights_N=None, nll_logp_N=None, nll_valid_N=None, scale=None, normalizer=None):
     """Generic path after the head: reduce per-token stats, run the objective, compute metrics.
 
     `stats` is a `TokenStats` with `logp` differentiable; `nll_logp_N` / `nll_valid_N` optionally give the
-    NLL term its own targets (Liger ORPO's `nll_target`).
+    NLL term its own targets (Liger ORPO's `nll_target`). `scale` overrides the batch's NLL scale (a global
+    one), `normalizer` the loss's divisor (default: the number of groups, the mean).
     """
     valid_N = targets_N != ignore_index
     idx, R = layout.token_response, layout.num_responses
     seq = reduce_tokens(idx, R, stats.logp, valid_N, weights_N, stats.mean_logits, stats.log_sum_sq_probs)
-    scale = nll_scale(layout, seq.num_tokens)
+    counts = seq.num_tokens
     if nll_logp_N is not None:
         nll_seq = reduce_tokens(idx, R, nll_logp_N, nll_valid_N)
         seq = seq._replace(nll_logps=nll_seq.logps)
-        scale = nll_scale(layout, nll_seq.num_tokens)
-    inputs = build_inputs(seq, ref_R, layout.group_index, data, config, scale)
-    out = config(inputs)
-    return finish(out.losses.mean(), out, inputs, seq, layout.group_index)
+        counts = nll_seq.num_tokens
+    scale = nll_scale(layout, counts) if scale is None else scale
+    result = evaluate(seq, ref_R, layout, data, config, scale)
+    return finish(result.losses.sum() / (layout.num_groups if normalizer is None else normalizer), result)
