@@ -75,6 +75,25 @@ def _logits_and_cap_grad(hidden_nH, weight_vH, bias_v, scale, softcap):
     return t.mul_(softcap * scale), cap_grad
 
 
+def logit_grad_(p_nv, s_n, y_n, g_n, scale, cap_grad=None):
+    """The head's logit gradient of one tile, in place over its softmax numerators `p_nv` (fp32):
+
+        da_tv = g_t (1[v = y_t] - p_tv) * scale  (* dz/da = 1 - tanh^2(a / c) under a soft cap)
+
+    with p = p_nv / s_n (`s_n` None: `p_nv` already holds p). `y_n` are target columns local to the tile (out of
+    range: the target is in another tile). The + g at the target is added in fp32 after the -g p term, so
+    1 - p_y never rounds before the subtraction. Shared by the op's backward and the pair-fused path."""
+    V = p_nv.shape[1]
+    g_n = g_n.to(p_nv.dtype)
+    coef = -g_n * scale if s_n is None else -g_n * scale / s_n
+    dz = p_nv.mul_(coef[:, None])
+    hit = (y_n >= 0) & (y_n < V)
+    dz.scatter_add_(1, y_n.clamp(0, V - 1)[:, None], torch.where(hit, g_n * scale, 0.0)[:, None])
+    if cap_grad is not None:
+        dz.mul_(cap_grad)
+    return dz
+
+
 def _acc_dtype(x):
     """Accumulation dtype: fp32, or float64 for float64 inputs (exact checks at tiny shapes)."""
     return torch.promote_types(x.dtype, torch.float32)
@@ -171,14 +190,7 @@ def _torch_backward(grad_N, hidden_NH, weight_VH, bias_V, targets_N, lse_N, para
             w = weight_VH[v0 : v0 + params.chunk_vocab]
             b = None if bias_V is None else bias_V[v0 : v0 + params.chunk_vocab]
             z, cap_grad = _logits_and_cap_grad(h, w, b, params.scale, params.softcap)
-            dz = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])
-            local_y = y - v0
-            hit = (local_y >= 0) & (local_y < w.shape[0])
-            # + g at the target column, in fp32: (1 - p_y) never rounds before the subtraction
-            dz.scatter_add_(1, local_y.clamp(0, w.shape[0] - 1)[:, None], torch.where(hit, g, 0.0)[:, None])
-            dz.mul_(params.scale)
-            if cap_grad is not None:
-                dz.mul_(cap_grad)
+            dz = logit_grad_(z.sub_(lse[:, None]).exp_(), None, y - v0, g, params.scale, cap_grad)
             if dh is not None:
                 dh[sl] += dz @ w.to(acc)
             if dW is not None:

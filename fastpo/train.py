@@ -116,12 +116,17 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli(argv: list[str] | None = None) -> int:
     """`main` for the command line: bad input (ValueError, including unusable checkpoints) is one line on
-    stderr and exit status 2, with no traceback."""
+    stderr and exit status 2, a diverged run (DivergenceError) one line and status 1; no traceback."""
+    from fastpo.trainer import DivergenceError
+
     try:
         main(argv)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except DivergenceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

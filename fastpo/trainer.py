@@ -48,6 +48,7 @@ from fastpo.attention import completion_hidden, enable_prefix_sharing
 from fastpo.config import to_dict
 from fastpo.lora import adapters_disabled
 from fastpo.losses import add_sums, fused_linear_preference_loss, metric_means, response_logps
+from fastpo.losses.objectives import reference_point_from_sums
 from fastpo.models import lm_head_spec
 from fastpo.packing import PackedBatch, pack_examples
 
@@ -270,7 +271,7 @@ class Trainer:
         """KTO's z0 of a global micro-batch: max(0, mean over its mismatched pairs of S - S_ref), the
         sums all-reduced over ranks on device (so it is the one-process value); detached."""
         terms = parallel.all_reduce_sum(self.kl_terms(micro))
-        return (terms[0] / terms[1].clamp(min=1.0)).clamp(min=0.0)
+        return reference_point_from_sums(terms[0], terms[1])
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -300,8 +301,8 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One optimizer step over the next global batch. A non-finite loss or gradient norm skips the update
-        (the batch is consumed and counted in `skipped_steps`); `--optim.max_skipped_steps` consecutive skips
-        stop the run (`DivergenceError`). One all-reduce and one host read per step."""
+        (the batch is consumed and counted in `skipped_steps`; `check_divergence` stops a run that keeps
+        skipping). One all-reduce and one host read per step."""
         cfg = self.cfg
         start = time.perf_counter()
         parallel.reset_peak_memory(self.world.device)
@@ -332,26 +333,32 @@ class Trainer:
     def _apply_update(self, loss: float, grad_norm: float) -> bool:
         """Step the optimizer unless the loss or the gradient norm is non-finite; returns whether it skipped.
         The same decision on every rank: both values are already reduced over ranks."""
-        o, step = self.cfg.optim, self.state.step + 1
+        step = self.state.step + 1
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
             self.state.consecutive_skips = 0
-            _warn_suspicious_gradient(step, grad_norm, o.max_grad_norm)
+            _warn_suspicious_gradient(step, grad_norm, self.cfg.optim.max_grad_norm)
         else:
             self.state.skipped_steps += 1
             self.state.consecutive_skips += 1
             logger.warning("step %d: loss %s, gradient norm %s: update skipped (%d in a row, %d in all)", step, loss,
                            grad_norm, self.state.consecutive_skips, self.state.skipped_steps)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.state.consecutive_skips > o.max_skipped_steps:
-            path = self.checkpoint(diagnostic=True)
-            raise DivergenceError(
-                f"stopped at step {step}: {self.state.consecutive_skips} consecutive steps with a non-finite loss or "
-                f"gradient norm (--optim.max_skipped_steps={o.max_skipped_steps}); no update was applied from them, "
-                f"so the last checkpoint under {self.cfg.checkpoint.dir} is a finite resume point; state dumped to "
-                f"{path} for inspection (not a resume point). Lower --optim.lr or check the data")
         return not finite
+
+    def check_divergence(self) -> None:
+        """Stop the run after more than `--optim.max_skipped_steps` consecutive skipped steps: dump the state
+        beside the checkpoints (never a resume point) and raise `DivergenceError`."""
+        o = self.cfg.optim
+        if self.state.consecutive_skips <= o.max_skipped_steps:
+            return
+        path = self.checkpoint(diagnostic=True)
+        raise DivergenceError(
+            f"stopped at step {self.state.step}: {self.state.consecutive_skips} consecutive steps with a non-finite "
+            f"loss or gradient norm (--optim.max_skipped_steps={o.max_skipped_steps}); no update was applied from "
+            f"them, so the checkpoints under {self.cfg.checkpoint.dir} are finite resume points; state dumped to "
+            f"{path} for inspection (not a resume point). Lower --optim.lr or check the data")
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -502,6 +509,7 @@ def run(trainer: Trainer, log) -> RunResult:
             step = trainer.state.step
             trainer.state.history.append({"step": step, **metrics})
             log.log(step, metrics)
+            trainer.check_divergence()
             saved = trainer.checkpoint() if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 else None
             if trainer.stop_requested:
                 path = saved or trainer.checkpoint()

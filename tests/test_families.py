@@ -233,7 +233,7 @@ def test_family_is_refused_with_its_reason(name):
     assert reason in str(err.value) and repr(model.config.model_type) in str(err.value)
 
 
-@pytest.mark.parametrize("name", ["qwen2_moe-window", "phimoe-window", "olmoe-window", "gpt_oss", "lfm2"])
+@pytest.mark.parametrize("name", ["qwen2_moe-window", "phimoe-window", "olmoe-window", "lfm2"])
 def test_refusal_guards_a_real_mismatch(name):
     """Without the check these families run and silently differ from separate forwards."""
     model_type, overrides, _ = REFUSED[name]
@@ -247,6 +247,17 @@ def test_refusal_guards_a_real_mismatch(name):
             mp.setitem(models.VERIFIED, type(model).__name__, family)
             got = score(model, batch).logp_sum
     assert (got - want).abs().max() > 1e-2
+
+
+def test_attention_refuses_arguments_it_cannot_apply():
+    """Second line of defence behind the allowlist: GPT-OSS passes its attention sinks (`s_aux`) to the
+    attention function, which refuses them instead of silently ignoring them."""
+    model_type, overrides, _ = REFUSED["gpt_oss"]
+    model = make_model(model_type, overrides)
+    batch = pack_examples(make_examples(), max_tokens=MAX_TOKENS)
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(NotImplementedError, match=r"\['s_aux'\]"):
+        mp.setitem(models.VERIFIED, type(model).__name__, models.Family())
+        score(model, batch)
 
 
 @pytest.mark.parametrize("name", ["stablelm", "nemotron"])

@@ -303,3 +303,63 @@ def test_bad_layout():
     assert ragged.sizes == (2, 1) and ragged.group_index.tolist() == [[0, 1], [2, -1]]
     with pytest.raises(ValueError, match="ranks 0 .. size-1"):
         ResponseLayout.from_groups(torch.zeros(3, dtype=torch.long), torch.tensor([0, 0, 1]), torch.tensor([0, 2, 0]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# groups of different sizes in one batch
+# ----------------------------------------------------------------------------------------------------
+
+
+def _mixed_groups(sizes, T=6, H=16, V=97):
+    """Rows of responses of groups of the given sizes (group-major, best first), random hidden states and
+    targets with 1 ignored prompt position; and the layout."""
+    R = sum(sizes)
+    hidden = torch.randn(R, T, H, dtype=torch.float64)
+    targets = torch.randint(0, V, (R, T))
+    targets[:, 0] = -100
+    group = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    rank = torch.cat([torch.arange(k) for k in sizes])
+    layout = ResponseLayout.from_groups(torch.arange(R).repeat_interleave(T), group, rank)
+    weight = torch.randn(V, H, dtype=torch.float64) / H**0.5
+    return hidden, weight, targets, layout
+
+
+@pytest.mark.parametrize("path", ["generic", "pair_fused"])
+@pytest.mark.parametrize("loss_type,sizes", [("plackett_luce", (2, 4, 3, 2)), ("sigmoid", (2, 2, 2))],
+                         ids=["listwise-2-4-3-2", "pairs-uniform"])
+def test_groups_of_different_sizes_equal_per_group_computation(loss_type, sizes, path):
+    """A batch mixing K = 2, 3 and 4 (ranked data): every group keeps its own responses, so the loss, the
+    per-group results, the metrics and the gradients equal running each group alone (float64 inputs; the
+    per-response sums are fp32 by design, hence 1e-6). A wrong regrouping (the whole batch as groups of mean
+    size) would give other losses."""
+    hidden, weight, targets, layout = _mixed_groups(sizes)
+    ref_logps = -torch.rand(sum(sizes), dtype=torch.float64) * 10
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = fused_linear_preference_loss(h, w, targets, layout=layout, loss_type=loss_type,
+                                       ref_logps=ref_logps, path=path, chunk_tokens=8)
+    out.loss.backward()
+    if layout.sizes is not None:
+        assert layout.sizes == sizes and out.present.sum(-1).tolist() == list(sizes)
+    grads_h, grads_w, losses = torch.zeros_like(hidden), torch.zeros_like(weight), []
+    start = 0
+    for g, k in enumerate(sizes):
+        rows = slice(start, start + k)
+        hg, wg = hidden[rows].clone().requires_grad_(), weight.clone().requires_grad_()
+        one = fused_linear_preference_loss_ref(hg, wg, targets[rows], loss_type=loss_type,
+                                               layout=ResponseLayout(torch.arange(k).repeat_interleave(hidden.shape[1]),
+                                                                     torch.arange(k)[None, :]),
+                                               ref_logps=ref_logps[rows], upcast=True)
+        (one.loss / len(sizes)).backward()
+        grads_h[rows], grads_w = hg.grad, grads_w + wg.grad
+        torch.testing.assert_close(out.rewards[g, :k], one.rewards[0], rtol=1e-6, atol=1e-7)
+        assert (out.rewards[g, k:] == 0).all() and not out.present[g, k:].any()
+        losses.append(one.losses[0])
+        start += k
+    torch.testing.assert_close(out.losses, torch.stack(losses), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out.loss, torch.stack(losses).mean(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(h.grad, grads_h, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(w.grad, grads_w, rtol=1e-6, atol=1e-7)
+    accurate = [bool(out.rewards[g, 0] > out.rewards[g, 1:k].max()) for g, k in enumerate(sizes)]
+    assert out.metrics["rewards/accuracies"].item() == pytest.approx(sum(accurate) / len(sizes))
+    rejected = torch.cat([out.rewards[g, 1:k] for g, k in enumerate(sizes)])
+    assert out.metrics["rewards/rejected"].item() == pytest.approx(rejected.mean().item())

@@ -7,6 +7,7 @@ checkpoints on disk, the bundled tiny model and data.
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -361,3 +362,71 @@ def test_kto_two_ranks_equal_one_process(tmp_path):
         assert abs(one[step] - two[step]) <= 1e-5 * max(1.0, abs(one[step])), (step, one[step], two[step])
     _assert_same_evals(_evals(tmp_path / "one"), _evals(tmp_path / "two"))
     assert "eval/kl" in _evals(tmp_path / "one")[-1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# groups of different sizes (ranked data with 2 and 4 responses) in one batch
+# ----------------------------------------------------------------------------------------------------
+
+
+def _ranked_rows(n, seed=0):
+    """Ranked rows alternating K = 2 and K = 4 distinct responses of 1-6 characters."""
+    import random
+
+    rng = random.Random(seed)
+    word = lambda: "".join(rng.choice("abcdefghij") for _ in range(rng.randint(1, 6)))  # noqa: E731
+    rows = []
+    for i in range(n):
+        responses = []
+        while len(responses) < (2 if i % 2 == 0 else 4):
+            w = word()
+            if w not in responses:
+                responses.append(w)
+        rows.append({"prompt": f"Q: {word()}\nA: ", "responses": responses})
+    return rows
+
+
+RANKED = ["--loss.name", "plackett_luce", "--data.format", "ranked", "--data.max_eval_examples", "9"]
+
+
+@pytest.mark.slow
+def test_mixed_group_sizes_equal_per_group_computation(tmp_path, one_thread):
+    """A batch mixing pairs and 4-response lists: step 1 (policy = reference) gives the mean over groups of
+    log K! (Plackett-Luce with equal scores), and step 2's loss equals the per-group Plackett-Luce losses on
+    stock unpacked forwards."""
+    from fastpo.losses import plackett_luce_loss
+    from fastpo.trainer import global_batch
+
+    data = _write_jsonl(tmp_path / "ranked.jsonl", _ranked_rows(40))
+    trainer = _build(tmp_path, ["--data.dataset", data, "--data.eval_dataset", data, *RANKED])
+    cfg = trainer.cfg
+    first = global_batch(trainer.train_examples, 0, cfg.data.batch_size, cfg.seed)
+    sizes = [len(ex.response_ids) for ex in first]
+    assert set(sizes) == {2, 4}
+    want = sum(math.lgamma(k + 1) for k in sizes) / len(sizes)
+    assert abs(trainer.train_step()["loss"] - want) <= 1e-5, want
+
+    examples = global_batch(trainer.train_examples, trainer.state.step, cfg.data.batch_size, cfg.seed)
+    policy, reference = trainer.policy.model, trainer.reference.model
+    losses = []
+    for ex in examples:
+        pairs = [(ex.prompt_ids, r) for r in ex.response_ids]
+        s, s_ref = _sequence_logps(policy, pairs), _sequence_logps(reference, pairs)
+        losses.append(plackett_luce_loss(s[None], s_ref[None], beta=cfg.loss.beta).losses[0])
+    metrics = trainer.train_step()
+    expected = torch.stack(losses).mean().item()
+    assert abs(expected - want) > 1e-4  # the update shows
+    assert abs(metrics["loss"] - expected) <= 1e-5 * max(1.0, abs(expected)), (metrics["loss"], expected)
+
+
+@pytest.mark.slow
+def test_mixed_group_sizes_two_ranks_equal_one_process(tmp_path):
+    data = _write_jsonl(tmp_path / "ranked.jsonl", _ranked_rows(40))
+    args = ["--data.dataset", data, "--data.eval_dataset", data, *RANKED, "--optim.num_steps", "3"]
+    _run(args, tmp_path / "one")
+    _run(args, tmp_path / "two", nproc=2)
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for step in one:
+        assert abs(one[step] - two[step]) <= 1e-5 * max(1.0, abs(one[step])), (step, one[step], two[step])
+    _assert_same_evals(_evals(tmp_path / "one"), _evals(tmp_path / "two"))

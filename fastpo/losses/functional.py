@@ -35,7 +35,7 @@ import torch
 from fastpo.losses import stats as S
 from fastpo.losses.objectives import is_pair_local, loss_names
 from fastpo.losses.types import FusedLossOutput, ResponseLayout, SequenceStats
-from fastpo.ops import _logits_f32, _resolve_impl, addmm_fp32_, token_stats, validate_head_inputs
+from fastpo.ops import _logits_f32, _resolve_impl, addmm_fp32_, logit_grad_, token_stats, validate_head_inputs
 
 PATHS = ("auto", "generic", "pair_fused")
 
@@ -300,14 +300,9 @@ def _chunk_head_grads_torch(e_s, z_cap, y, valid, g_N, h, weight, head: HeadOpti
     """dz = g (onehot(y) - p) * scale (* 1 - tanh^2 under a soft cap), written over the chunk's softmax
     numerators in place; returns dH of the chunk and accumulates dW, db in fp32."""
     e, s = e_s
-    scale = 1.0 / head.temperature
     acc = torch.promote_types(h.dtype, torch.float32)
     g_N = torch.where(valid, g_N, 0.0)
-    # -g p = -g e / s, and + g at the target column in fp32: 1 - p_y never rounds before the subtraction
-    dz = e.mul_((-g_N * scale / s)[:, None])
-    dz.scatter_add_(1, torch.where(valid, y, 0)[:, None], (g_N * scale)[:, None])
-    if z_cap is not None:
-        dz.mul_(z_cap)
+    dz = logit_grad_(e, s, torch.where(valid, y, -1), g_N, 1.0 / head.temperature, z_cap)
     if weight.dtype == acc:
         dH = dz @ weight
         if dW is not None:

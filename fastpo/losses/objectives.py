@@ -457,9 +457,16 @@ def kto(inputs, *, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0):
 
 
 def kto_reference_point(kl_logps, kl_ref_logps):
-    """z0 = max(0, mean_j sg(S(y'_j) - S_ref(y'_j))) over mismatched completions y'; all-reduce the mean
-    across ranks before passing it as `PreferenceInputs.kl`."""
-    return (kl_logps.detach().float() - kl_ref_logps.detach().float()).mean().clamp(min=0.0)
+    """z0 = max(0, mean_j sg(S(y'_j) - S_ref(y'_j))) over mismatched completions y', passed as
+    `PreferenceInputs.kl`. Across ranks: all-reduce the sum and the count, then `reference_point_from_sums`."""
+    rho = kl_logps.detach().float() - kl_ref_logps.detach().float()
+    return reference_point_from_sums(rho.sum(), torch.tensor(float(rho.numel()), device=rho.device))
+
+
+def reference_point_from_sums(rho_sum, count):
+    """KTO's z0 from the sum of sg(S - S_ref) over mismatched pairs and their count (both already summed over
+    ranks): max(0, sum / count); 0 without pairs."""
+    return (rho_sum / count.clamp(min=1.0)).clamp(min=0.0)
 
 
 def apo_zero_unpaired(inputs, *, beta=0.1):

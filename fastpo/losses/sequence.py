@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastpo.losses.objectives import LOSSES, preference_loss
-from fastpo.losses.types import LossOutput, PairLosses, PreferenceInputs, UnpairedLosses
+from fastpo.losses.types import LossOutput, PairLosses, PreferenceInputs, ResponseLayout, UnpairedLosses
 
 
 def _check_same(a, b, what):
@@ -149,11 +149,11 @@ def sequence_logps(token_logps, mask, token_weights=None):
 
 def ld_weights(chosen_mask, rejected_mask, ld_alpha):
     """LD-DPO positional weights for [B, T] completion masks: 1 for the first min(n_w, n_l) completion
-    tokens of each response, ld_alpha after (TRL 1.16, applied to policy and reference alike)."""
-    shared = torch.minimum(chosen_mask.sum(-1), rejected_mask.sum(-1))[:, None]
+    tokens of each response, ld_alpha after (TRL 1.16, applied to policy and reference alike). The
+    [2B, T] rows go through `stats.ld_token_weights`, the one definition of the rule."""
+    from fastpo.losses.stats import ld_token_weights
 
-    def weights(mask):
-        pos = mask.long().cumsum(-1)
-        return torch.where(pos <= shared, 1.0, float(ld_alpha)) * mask
-
-    return weights(chosen_mask), weights(rejected_mask)
+    masks = torch.cat([chosen_mask, rejected_mask]).bool()
+    layout = ResponseLayout.chosen_rejected(masks.shape[0], masks.shape[1], device=masks.device)
+    w = ld_token_weights(layout, masks.flatten(), ld_alpha).view(masks.shape) * masks
+    return w.chunk(2)

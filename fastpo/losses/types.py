@@ -57,9 +57,10 @@ class ResponseLayout:
                              f"{tuple(self.group_index.shape)}")
         if self.sizes is not None and len(self.sizes) != self.group_index.shape[0]:
             raise ValueError(f"sizes has {len(self.sizes)} entries for {self.group_index.shape[0]} groups")
-        if not self.group_index.is_cuda:
+        # values are checked where they can be read without a device sync (host data)
+        if self.group_index.device.type == "cpu":
             self._check_groups()
-        if not self.token_response.is_cuda and self.token_response.numel():
+        if self.token_response.device.type == "cpu" and self.token_response.numel():
             lo, hi = int(self.token_response.min()), int(self.token_response.max())
             if lo < 0 or hi >= self.num_responses:
                 raise ValueError(f"token_response values must lie in [0, R={self.num_responses}), got [{lo}, {hi}]")
@@ -152,7 +153,8 @@ class ResponseLayout:
         device = torch.device("cpu") if device is None else torch.device(device)
         if self.token_response.device == device and self.group_index.device == device:
             return self
-        host = self.host if self.host is not None else (self if not self.token_response.is_cuda else None)
+        on_host = self.token_response.device.type == "cpu"
+        host = self.host if self.host is not None else (self if on_host else None)
         return ResponseLayout(self.token_response.to(device), self.group_index.to(device), self.sizes, host)
 
     def on_host(self) -> ResponseLayout:
