@@ -35,6 +35,7 @@ def pytest_addoption(parser):
 
 
 def smoke_pass(config) -> bool:
+    """Smoke when pytest runs its configured testpaths (no path or file given), or when asked to."""
     if config.getoption("--bench-full", False):
         return False
     return config.getoption("--bench-smoke", False) or config.args_source == pytest.Config.ArgsSource.TESTPATHS

@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import subprocess
 import time
 import traceback
 from contextlib import contextmanager
@@ -57,12 +58,23 @@ def meta(stage: str, index: int, title: str, mode: str, cap_s: float, command: s
     }  # fmt: skip
 
 
+def device_name_without_cuda() -> str:
+    """The GPU's name from nvidia-smi, or this machine's: the runner itself never opens a CUDA context (each
+    stage process does, and frees the GPU when it exits)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout.strip()
+        return out.splitlines()[0] if out else "no GPU listed by nvidia-smi"
+    except (OSError, subprocess.SubprocessError):
+        return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+
+
 def session_header(mode: str, command: str) -> str:
-    """The first lines of the session's log: what ran, when, with which versions (the device's name comes
-    from each stage process, and from nvidia-smi in `gpu_session.sh run`: the runner never opens the GPU)."""
+    """The first lines of the session's log: what ran where, when, with which versions."""
     versions = ", ".join(f"{name} {version(name)}" for name in DISTRIBUTIONS)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    return f"fastpo GPU session ({mode}), {date}\n  command: {command}\n  python {platform.python_version()}, {versions}"
+    return (f"fastpo GPU session ({mode}) on {device_name_without_cuda()}, {date}\n  command: {command}\n"
+            f"  python {platform.python_version()}, {versions}")
 
 
 def jsonable(obj):

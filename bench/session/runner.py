@@ -20,7 +20,7 @@ import traceback
 from dataclasses import dataclass
 
 from bench.session import record
-from bench.session.summary import write_summary
+from bench.session.summary import all_targets, load_stages, write_summary
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,7 @@ def run_session(out: str, mode: str, only=None, budget_s: float = SESSION_BUDGET
               f"{len(data['rows'])} case(s)", flush=True)
         problems += [f"{stage.name}: {p}" for p in _problems(data)]
         write_summary(out)
+    print(all_targets(load_stages(out)))
     print(f"== session: {time.time() - t0:.1f} s; results in {out} ({'clean' if not problems else 'see below'})")
     for p in problems:
         print(f"   {p}")

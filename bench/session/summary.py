@@ -59,16 +59,24 @@ def document(stages: list[dict]) -> str:
     doc += "".join(f"- {k}: `{meta[k]}`\n" for k in META_KEYS if k in meta) + "\n"
     if not gpu:
         doc += "**Not a GPU measurement**: a dry run or a run off CUDA checks the code, not the figures.\n\n"
-    doc += report.RATIO_NOTE + "\n\n## Targets\n\n"
-    doc += targets_table([{"stage": d["meta"]["stage"], **t} for d in stages for t in d.get("targets", [])])
+    doc += report.RATIO_NOTE + "\n\n## Targets\n\n" + all_targets(stages)
     doc += "\n## Stages\n\n| # | stage | status | elapsed_s | cap_s | cases |\n|---|---|---|---|---|---|\n"
     doc += "".join(f"| {d['meta'].get('index', '')} | {d['meta']['stage']} | {d['status']} | {d.get('elapsed_s')} | "
                    f"{d['meta'].get('cap_s')} | {len(d.get('rows', []))} |\n" for d in stages)
     return doc + "\n" + "\n".join(stage_section(d) for d in stages)
 
 
+def load_stages(out_dir: str) -> list[dict]:
+    return [d for d in (record.load(p) for p in stage_files(out_dir)) if d is not None]
+
+
+def all_targets(stages: list[dict]) -> str:
+    """The targets table of every stage: what a session prints last, where a device call's output ends."""
+    return targets_table([{"stage": d["meta"]["stage"], **t} for d in stages for t in d.get("targets", [])])
+
+
 def write_summary(out_dir: str) -> str:
-    stages = [d for d in (record.load(p) for p in stage_files(out_dir)) if d is not None]
+    stages = load_stages(out_dir)
     path = os.path.join(out_dir, "summary.md")
     with open(path, "w") as f:
         f.write(document(stages))

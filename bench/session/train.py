@@ -1,13 +1,13 @@
 """Stage 4, train: one DPO optimizer step (reference forward, policy forward + backward, AdamW) of a ~0.5B
-random model, `bench.bench_train.make_step` with its providers `fastpo` (prefix-shared packing and
-attention, the fused head on completion rows only) and `naive` (TRL-style right-padded [p + y] rows with
-materialized logits): tokens/s of the separate sequences, completion tokens/s, and peak memory of one step
-above the models, the AdamW state and the inputs.
+random model, `bench.bench_train.make_step` with its providers `fastpo` (the trainer's own `train_step`:
+prefix-shared packing and attention, the fused head on completion rows only, pair-fused for DPO) and
+`naive` (TRL-style right-padded [p + y] rows with materialized logits): tokens/s of the separate sequences,
+completion tokens/s, and peak memory of one step above the models, the AdamW state and the inputs.
 
 Shape: `bench_train.SHAPES["qwen-0.5b-like"]` (H=1024, 24 layers, V=151936, 8 pairs of ~512 + 2 x ~512
-tokens, bf16). The models are built under `torch.device(DEVICE)`, so that their random init runs on the GPU
-instead of the CPU (seconds instead of tens of seconds, inside the cap); the steps run as `pytest bench/`
-runs them. Two untimed steps first: the AdamW state is allocated and the attention kernels compile.
+tokens, bf16). Steps are built and run exactly as `pytest bench/` builds and runs them (the random init on
+the CPU, a few seconds per model, counts inside the cap). Two untimed steps first: the AdamW state is
+allocated and the attention kernels compile.
 """
 
 from __future__ import annotations
@@ -52,8 +52,7 @@ def run(rec, plan: dict) -> None:
         with rec.case(test=f"train[{plan['shape_name']}-{provider}]", shape=plan["shape_name"], provider=provider,
                       mode="train_step", pairs=shape.pairs, H=shape.hidden, layers=shape.layers, V=shape.vocab,
                       dtype=shape.dtype, **counts) as row:
-            with torch.device(DEVICE):
-                step = train_bench.make_step(provider, shape)
+            step = train_bench.make_step(provider, shape)
             timing = time_fn(step, deadline=rec.deadline, **plan["timing"])
             seconds = timing["median_ms"] / 1e3
             row.update(timing, tokens_per_s=counts["sequence_tokens"] / seconds,
