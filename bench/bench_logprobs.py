@@ -13,9 +13,20 @@ Apple's Cut Cross-Entropy (`pip install cut-cross-entropy`, PyPI 25.1.1) enters 
                      are all below 2^-12 (bf16); with these random inputs (logits ~ N(0, 1) over 128k
                      columns) that is most tiles without a target, so the filtered figure flatters CCE.
   cce-torch-compile  its `impl="torch_compile"`: materialized logits under torch.compile; runs on CPU.
+
+Two more providers are not per-token heads of the same contract but the fastest paths a preference loss
+takes through the head:
+
+  fastpo-pair-fused  sigmoid DPO (reference-free) over 8 pairs of N/16-token responses on the pair-fused
+                     path (`impl="auto"`: the Triton row kernels on CUDA): a scalar loss whose gradients are
+                     formed in the forward, 6NHV for forward + backward (no separate backward to time)
+  liger-flce         Liger's Triton fused linear cross-entropy with per-token output (`reduction="none"`), the
+                     Liger head that runs on any CUDA GPU (`liger-scaled-ce` dispatches to Liger's CuTe-DSL
+                     kernel on SM90, which needs nvidia-cutlass-dsl)
 """
 
 import functools
+import importlib.util
 
 import pytest
 import torch
@@ -52,6 +63,25 @@ def _compiled_ref():
     return torch.compile(functools.partial(token_logprobs_ref, upcast=False))
 
 
+PAIRS = 8
+
+
+def _pair_fused(hidden, weight, targets):
+    """Sigmoid DPO (no reference) over PAIRS pairs; rows [0, PAIRS) chosen, [PAIRS, 2 PAIRS) rejected."""
+    from fastpo.losses import fused_linear_preference_loss
+
+    rows = 2 * PAIRS
+    return fused_linear_preference_loss(hidden.view(rows, -1, hidden.shape[-1]), weight, targets.view(rows, -1),
+                                        path="pair_fused").loss
+
+
+def _liger_flce(hidden, weight, targets):
+    """Per-token log-probs from Liger's Triton FLCE (its defaults otherwise, e.g. dW accumulated in W's dtype)."""
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+    return -LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, targets, None, None, -100, 0.0, 0.0, "none")[0]
+
+
 def _gemm(hidden, weight, targets):
     """Roofline: the logits GEMM alone; its backward is the dX and dW GEMMs."""
     return F.linear(hidden, weight)
@@ -60,10 +90,12 @@ def _gemm(hidden, weight, targets):
 PROVIDERS = {
     "fastpo-triton": lambda h, w, y: fastpo.token_logprobs(h, w, y, impl="triton"),
     "fastpo-torch": lambda h, w, y: fastpo.token_logprobs(h, w, y, impl="torch"),
+    "fastpo-pair-fused": _pair_fused,
     "naive": lambda h, w, y: token_logprobs_ref(h, w, y, upcast=False),
     "torch-compile": lambda h, w, y: _compiled_ref()(h, w, y),
     "linear-cross-entropy": lambda h, w, y: -F.linear_cross_entropy(h, w, y, reduction="none"),
     "liger-scaled-ce": _liger,
+    "liger-flce": _liger_flce,
     "trl-chunked": _trl,
     "cce": _cce("cce"),
     "cce-nofilter": _cce("cce", filter_eps=None),
@@ -75,8 +107,9 @@ SKIP_ON_CPU = {
     "fastpo-triton": "Triton on CPU is the interpreter: a correctness tool, not a benchmark",
     "cce": "CCE's Triton kernels need CUDA (on CPU: '0 active drivers')",
     "cce-nofilter": "CCE's Triton kernels need CUDA (on CPU: '0 active drivers')",
+    "liger-flce": "Liger's Triton kernels need CUDA",
 }
-MODULES = {"liger-scaled-ce": "liger_kernel", "trl-chunked": "trl", "cce": "cut_cross_entropy",
+MODULES = {"liger-scaled-ce": "liger_kernel", "liger-flce": "liger_kernel", "trl-chunked": "trl", "cce": "cut_cross_entropy",
            "cce-nofilter": "cut_cross_entropy", "cce-torch-compile": "cut_cross_entropy"}
 """Optional baselines: the module each needs (skipped with the reason where it does not import)."""
 COMPILED = {"torch-compile", "cce-torch-compile"}
@@ -86,9 +119,14 @@ SHAPES = HEAD_SHAPES[DEVICE]
 TIME_SHAPES = [s for s in SHAPES if s != "cpu-memory"]
 
 
-def _skip_reason(provider):
+def _skip_reason(provider, mode=None):
     if DEVICE == "cpu" and provider in SKIP_ON_CPU:
         return SKIP_ON_CPU[provider]
+    if provider == "fastpo-pair-fused" and mode == "bwd":
+        return "the pair-fused head forms its gradients in the forward: only fwd and fwd_bwd are timed"
+    if provider == "liger-scaled-ce" and DEVICE == "cuda" and torch.cuda.get_device_capability() == (9, 0):
+        if importlib.util.find_spec("cutlass") is None:
+            return "on SM90 Liger dispatches to its CuTe-DSL kernel, which needs nvidia-cutlass-dsl (not installed)"
     if provider == "linear-cross-entropy" and not hasattr(F, "linear_cross_entropy"):
         return f"torch {torch.__version__} has no F.linear_cross_entropy"
     module = MODULES.get(provider)
@@ -137,7 +175,7 @@ def _step(provider, mode):
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 @pytest.mark.parametrize("shape_name", TIME_SHAPES)
 def bench_head_time(benchmark, record, shape_name, provider, mode):
-    reason = _skip_reason(provider)
+    reason = _skip_reason(provider, mode)
     if reason:
         pytest.skip(reason)
     shape = SHAPES[shape_name]
@@ -161,7 +199,7 @@ def bench_head_time(benchmark, record, shape_name, provider, mode):
         run_pedantic(benchmark, forward if mode == "fwd" else fwd_bwd, setup=fresh)
     median = benchmark.stats.stats.median
     record(benchmark, shape=shape_name, provider=provider, mode=mode, N=shape.N, H=shape.H, V=shape.V,
-           dtype=shape.dtype, tokens_per_s=shape.N / median, tflops=shape.flops(mode) / median / 1e12)
+           dtype=shape.dtype, tokens_per_s=shape.N / median, tflops=shape.flops(mode, provider) / median / 1e12)
 
 
 def head_case(provider, N, H, V, dtype):

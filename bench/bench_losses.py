@@ -3,12 +3,13 @@
 Every provider computes the same sigmoid DPO loss of a `[2B, T]` chosen-then-rejected batch (prompt
 positions ignored) with a reference model given by its hidden states and LM-head weight:
 
-    fastpo-generic     fused_linear_preference_loss(path="generic", impl="torch"): token_stats + autograd, 8NHV
+    fastpo-generic     fused_linear_preference_loss(path="generic"): token_stats + autograd, 8NHV
     fastpo-pair-fused  fused_linear_preference_loss(path="pair_fused"): gradients formed in forward, 6NHV
+                       (both with impl="auto": the Triton kernels on CUDA, the chunked torch path on CPU)
     naive              fused_linear_preference_loss_ref(upcast=False): materialized [N, V] logits
     torch-compile      the naive program under torch.compile
     liger-dpo          liger_kernel LigerFusedLinearDPOLoss (compiled=False on CPU)
-    trl-chunked        trl.kernels.chunked_logprob head + the DPO loss in PyTorch
+    trl-chunked        trl.kernels.chunked_logprob head on the completion rows + the DPO loss in PyTorch
 
 A provider that does not install or cannot give a meaningful figure on this device is skipped with the
 reason. Peak memory on CPU is the peak RSS of a fresh subprocess above its RSS before the call.
@@ -53,12 +54,13 @@ MEMORY_SHAPE = "cpu-memory" if DEVICE == "cpu" else "llama3-8k"
 
 
 def dpo_inputs(shape: DPOShape, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    """Drawn on DEVICE (model-size inputs drawn on the host would cost seconds of every GPU run)."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
     dtype = getattr(torch, shape.dtype)
-    make = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(DEVICE, dtype)  # noqa: E731
+    make = lambda *s, scale=1.0: (torch.randn(*s, generator=g, device=DEVICE) * scale).to(dtype)  # noqa: E731
     hidden = make(2 * shape.B, shape.T, shape.H).requires_grad_()
     weight = make(shape.V, shape.H, scale=shape.H**-0.5).requires_grad_()
-    targets = torch.randint(0, shape.V, (2 * shape.B, shape.T), generator=g).to(DEVICE)
+    targets = torch.randint(0, shape.V, (2 * shape.B, shape.T), generator=g, device=DEVICE)
     targets[:, : shape.T // 4] = -100
     ref_hidden = make(2 * shape.B, shape.T, shape.H)
     ref_weight = make(shape.V, shape.H, scale=shape.H**-0.5)
@@ -67,8 +69,7 @@ def dpo_inputs(shape: DPOShape, seed=0):
 
 def _fastpo(path):
     def loss(h, w, y, rh, rw):
-        return fused_linear_preference_loss(h, w, y, ref_hidden=rh, ref_weight=rw, path=path, impl="torch",
-                                            chunk_tokens=256).loss
+        return fused_linear_preference_loss(h, w, y, ref_hidden=rh, ref_weight=rw, path=path).loss
 
     return loss
 
@@ -89,12 +90,16 @@ def _liger(h, w, y, rh, rw):
 
 
 def _trl_sums(h, w, y):
+    """TRL 1.16's head as its DPO trainer runs it: completion rows only (its "compact" mode), its default
+    32768-column vocabulary tiles, per-row sums."""
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
-    valid = y != -100
-    logp = ChunkedLogProbFunction.apply(h.reshape(-1, h.shape[-1]), w, None, torch.where(valid, y, 0).reshape(-1),
-                                        1.0, 4096, None, 1.0, ())[0]
-    return (logp.view(y.shape) * valid).sum(-1)
+    valid = (y != -100).reshape(-1)
+    rows = valid.nonzero().squeeze(1)
+    logp = ChunkedLogProbFunction.apply(h.reshape(-1, h.shape[-1])[rows], w, None, y.reshape(-1)[rows],
+                                        1.0, 32768, None, 1.0, ())[0]
+    row_of = torch.arange(y.shape[0], device=y.device).repeat_interleave(y.shape[1])[rows]
+    return torch.zeros(y.shape[0], device=y.device, dtype=torch.float32).index_add(0, row_of, logp.float())
 
 
 def _trl(h, w, y, rh, rw, beta=0.1):

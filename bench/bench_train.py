@@ -58,6 +58,8 @@ class TrainShape:
     max_tokens: int
     """Row budget of the packed batches (fastpo providers)."""
     dtype: str = "float32"
+    model_type: str = "llama"
+    """"llama": the bundled demo config with these sizes; another transformers model type: its config class."""
 
     def config_overrides(self) -> dict:
         """Fields replaced in the demo config."""
@@ -71,7 +73,7 @@ class TrainShape:
 # cpu-demo is the bundled demo model as shipped (V=100: the head is negligible, attention and packing
 # dominate); cpu-vocab16k widens it so the head and its [N, V] logits matter (the naive step runs the
 # head on every prompt and padding position too: ~5 s per step at V=32000 on 2 cores, too slow here); the GPU shape is
-# Qwen1.5-0.5B-sized (H=1024, 24 layers, V=151936) with ~1024-token sequences.
+# Qwen2-0.5B's config (H=896, 24 layers, V=151936) with ~1024-token sequences.
 SHAPES = {
     "cpu": {
         "cpu-demo": TrainShape(hidden=64, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=100, pairs=8,
@@ -84,12 +86,13 @@ SHAPES = {
                                prompt_len=64, response_len=32, max_tokens=512),
     },
     "cuda": {
-        "qwen-0.5b-like": TrainShape(hidden=1024, intermediate=2816, layers=24, heads=16, kv_heads=16,
-                                     vocab=151936, pairs=8, prompt_len=512, response_len=512, max_tokens=4096,
-                                     dtype="bfloat16"),
+        # Qwen2-0.5B's sizes and layout (qkv biases, 2 KV heads, tied embeddings), random init
+        "qwen2-0.5b": TrainShape(hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2, vocab=151936,
+                                 pairs=8, prompt_len=512, response_len=512, max_tokens=4096, dtype="bfloat16",
+                                 model_type="qwen2"),
     },
 }[DEVICE]
-MEMORY_SHAPE = "cpu-vocab16k" if DEVICE == "cpu" else "qwen-0.5b-like"
+MEMORY_SHAPE = "cpu-vocab16k" if DEVICE == "cpu" else "qwen2-0.5b"
 WARMUP_STEPS = 1
 """Untimed steps before `run_pedantic` (which adds its own warmup round): the first step allocates the
 AdamW state, and the first CPU steps of a new shape run several times slower."""
@@ -107,10 +110,14 @@ def make_examples(shape: TrainShape, seed: int = 0) -> list[PreferenceExample]:
 
 
 def make_model(shape: TrainShape, seed: int):
-    """The demo Llama with the shape's sizes, random init from `seed`, on DEVICE in the shape's dtype."""
+    """A model of the shape's type and sizes (the demo Llama's config for "llama"), random init from `seed`, on
+    DEVICE in the shape's dtype."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.from_pretrained(demo_paths().model, **shape.config_overrides())
+    if shape.model_type == "llama":
+        cfg = AutoConfig.from_pretrained(demo_paths().model, **shape.config_overrides())
+    else:
+        cfg = AutoConfig.for_model(shape.model_type, **shape.config_overrides(), tie_word_embeddings=True)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     return model.to(DEVICE, getattr(torch, shape.dtype))

@@ -31,10 +31,16 @@ class HeadShape:
     def torch_dtype(self):
         return getattr(torch, self.dtype)
 
-    def flops(self, mode: str) -> float:
-        """Counted FLOPs: forward 2NHV; backward recompute + dH + dW = 6NHV."""
-        per_gemm = 2.0 * self.N * self.H * self.V
-        return {"fwd": 1, "bwd": 3, "fwd_bwd": 4}[mode] * per_gemm
+    def flops(self, mode: str, provider: str = "") -> float:
+        """Counted FLOPs in units of one 2NHV GEMM (`HEAD_GEMMS`): forward 1; a 2-pass head's backward
+        (recompute + dH + dW) 3, forward + backward 4; the bare GEMMs and the pair-fused head (gradients formed
+        from the forward's logits) 3 for forward + backward."""
+        return HEAD_GEMMS.get((provider, mode), HEAD_GEMMS[("", mode)]) * 2.0 * self.N * self.H * self.V
+
+
+HEAD_GEMMS = {("", "fwd"): 1, ("", "bwd"): 3, ("", "fwd_bwd"): 4, ("gemm", "bwd"): 2, ("gemm", "fwd_bwd"): 3,
+              ("fastpo-pair-fused", "fwd_bwd"): 3}
+"""(provider, mode) -> GEMMs of 2NHV the provider performs; ("", mode) is a 2-pass head."""
 
 
 # One registry for every head benchmark. CPU shapes run in CI in seconds; GPU shapes are the model
@@ -55,10 +61,12 @@ HEAD_SHAPES = {
 
 
 def head_inputs(shape: HeadShape, device=DEVICE, requires_grad=True, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    hidden = torch.randn(shape.N, shape.H, generator=g).to(device, shape.torch_dtype)
-    weight = (torch.randn(shape.V, shape.H, generator=g) / shape.H**0.5).to(device, shape.torch_dtype)
-    targets = torch.randint(0, shape.V, (shape.N,), generator=g).to(device)
+    """randn hidden states, W / sqrt(H) and uniform targets, drawn on `device` (model-size inputs drawn on the
+    host would cost seconds of every GPU run)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(shape.N, shape.H, generator=g, device=device).to(shape.torch_dtype)
+    weight = (torch.randn(shape.V, shape.H, generator=g, device=device) / shape.H**0.5).to(shape.torch_dtype)
+    targets = torch.randint(0, shape.V, (shape.N,), generator=g, device=device)
     return hidden.requires_grad_(requires_grad), weight.requires_grad_(requires_grad), targets
 
 

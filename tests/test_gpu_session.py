@@ -68,7 +68,7 @@ def test_dry_run_covers_every_case_of_the_plan(dry_run):
         len(parity["plan"]["head_op"]) + len(parity["plan"]["pair_fused"]))
     assert all(r["ok"] for r in parity["rows"]), "the dry run's parity cases are the test suite's: they pass"
     head = files["head"]
-    assert [(r["provider"], r["mode"]) for r in head["rows"]] == [(p, m) for p, m, _ in head["plan"]["cases"]]
+    assert [(r["provider"], r["mode"]) for r in head["rows"]] == [(p, m) for p, m in head["plan"]["cases"]]
     for r in head["rows"]:
         assert "median_ms" in r or r.get("skipped"), r
     timed = {r["provider"] for r in head["rows"] if "median_ms" in r}

@@ -4,8 +4,8 @@ prefix-shared packing and attention, the fused head on completion rows only, pai
 `naive` (TRL-style right-padded [p + y] rows with materialized logits): tokens/s of the separate sequences,
 completion tokens/s, and peak memory of one step above the models, the AdamW state and the inputs.
 
-Shape: `bench_train.SHAPES["qwen-0.5b-like"]` (H=1024, 24 layers, V=151936, 8 pairs of ~512 + 2 x ~512
-tokens, bf16). Steps are built and run exactly as `pytest bench/` builds and runs them (the random init on
+Shape: `bench_train.SHAPES["qwen2-0.5b"]` (Qwen2-0.5B's layout: H=896, 24 layers, V=151936; 8 pairs of
+~512 + 2 x ~512 tokens, bf16). Steps are built and run exactly as `pytest bench/` builds and runs them (the random init on
 the CPU, a few seconds per model, counts inside the cap). Two untimed steps first: the AdamW state is
 allocated and the attention kernels compile.
 """
@@ -21,7 +21,7 @@ from bench.harness import DEVICE
 from bench.session.measure import time_fn
 
 PROVIDERS = ("fastpo", "naive")
-GPU_SHAPE = "qwen-0.5b-like"
+GPU_SHAPE = "qwen2-0.5b"
 DRY_SHAPE = train_bench.TrainShape(hidden=64, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=1000, pairs=4,
                                    prompt_len=24, response_len=12, max_tokens=128)
 TIMING = {"cuda": dict(warmup=2, max_reps=5, budget_s=8.0), "dry": dict(warmup=1, max_reps=2, budget_s=0.5)}
