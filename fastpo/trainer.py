@@ -404,6 +404,12 @@ class Trainer:
         set_state_dict(self.policy, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.state.load_state_dict(state["train"])
+        # the optimizer's saved learning rate is the old schedule's; with an allowed change of schedule (more
+        # steps, another peak) the next update must follow this run's schedule at the resumed step
+        sched = self.scheduler  # a LambdaLR (`fastpo.build.lr_schedule`)
+        for group, base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * factor(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         return changes
 
     def export(self, out_dir: str, tokenizer, card: str = "") -> str:
