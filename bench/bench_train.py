@@ -33,9 +33,10 @@ import torch.nn.functional as F
 
 from bench.harness import DEVICE, peak_memory_bytes, run_pedantic, synchronize
 from fastpo import parallel
-from fastpo.build import lr_schedule
+from fastpo.build import AdapterOffReference, lr_schedule
 from fastpo.config import from_flat
 from fastpo.data import TokenizedExample, demo_paths
+from fastpo.lora import apply_lora
 from fastpo.packing import IGNORE_INDEX, PreferenceExample, pack_examples
 from fastpo.trainer import Scorer, Trainer, _nll_scale
 
@@ -139,18 +140,25 @@ def tokenized(examples) -> list[TokenizedExample]:
             for i, ex in enumerate(examples)]
 
 
-def make_trainer(policy, reference, shape: TrainShape, *, head_path="auto", share_prompt=True) -> Trainer:
+def make_trainer(policy, reference, shape: TrainShape, *, head_path="auto", share_prompt=True,
+                 lora_rank: int = 0) -> Trainer:
     """A `fastpo.trainer.Trainer` over the shape's examples (one global batch of all of them per step), on
-    DEVICE, one process: the step `python -m fastpo.train` runs, minus data loading."""
-    cfg = from_flat({"data.batch_size": shape.pairs, "data.max_tokens": shape.max_tokens,
-                     "data.share_prefix": share_prompt, "model.head_path": head_path, "optim.lr": 1e-5,
-                     "optim.warmup_steps": 0, "optim.schedule": "constant", "optim.max_grad_norm": 0.0,
-                     "data.pad_token_id": 0, "device": DEVICE, "loss.beta": BETA})
+    DEVICE, one process: the step `python -m fastpo.train` runs, minus data loading. With `lora_rank` the
+    policy gets PEFT LoRA adapters on every linear layer of its blocks and the reference is the policy with
+    them disabled (`reference` is then unused)."""
+    flat = {"data.batch_size": shape.pairs, "data.max_tokens": shape.max_tokens, "data.share_prefix": share_prompt,
+            "model.head_path": head_path, "optim.lr": 1e-5, "optim.warmup_steps": 0, "optim.schedule": "constant",
+            "optim.max_grad_norm": 0.0, "data.pad_token_id": 0, "device": DEVICE, "loss.beta": BETA,
+            "lora.r": lora_rank}
+    cfg = from_flat(flat)
     world = parallel.World(0, 1, torch.device(DEVICE), None)
+    if lora_rank:
+        policy = apply_lora(policy, cfg.lora)
     policy_s = Scorer(policy, path=head_path)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    reference_s = AdapterOffReference(policy_s) if lora_rank else Scorer(reference)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5)
     scheduler = lr_schedule(optimizer, "constant", 0, 1)
-    return Trainer(cfg, world, policy_s, Scorer(reference), optimizer, scheduler, (tokenized(make_examples(shape)), []),
+    return Trainer(cfg, world, policy_s, reference_s, optimizer, scheduler, (tokenized(make_examples(shape)), []),
                    cfg.loss.hparams(), num_steps=1 << 30)
 
 
@@ -281,3 +289,51 @@ def bench_train_step_peak_memory(record, provider):
     peak = peak_memory_bytes("bench.bench_train", "train_case", dict(provider=provider, shape_name=MEMORY_SHAPE))
     record(shape=MEMORY_SHAPE, provider=provider, mode="train_step", pairs=shape.pairs, H=shape.hidden,
            layers=shape.layers, V=shape.vocab, dtype=shape.dtype, peak_mb=peak / 2**20)
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoRA against full fine-tuning: the whole run's memory
+# ----------------------------------------------------------------------------------------------------
+
+# ~50M parameters (untied 16k-token embedding and head 16.4M, 8 blocks of 4.2M); full fine-tuning keeps the
+# policy, its gradients, AdamW's two moments and a frozen reference copy (5x the weights); LoRA keeps one copy
+# of the weights plus adapters and their optimizer state. Both keep the step's activations (LoRA needs the
+# body's activations to reach its adapters), so the ratio falls with the batch: two batch sizes are shown.
+LORA_SHAPES = {f"cpu-50m-{pairs}pairs": TrainShape(hidden=512, intermediate=2048, layers=8, heads=8, kv_heads=8,
+                                                   vocab=16000, pairs=pairs, prompt_len=64, response_len=32,
+                                                   max_tokens=1024) for pairs in (4, 8)}
+LORA_RANK = 16
+
+
+def _lora_shape(name: str) -> TrainShape:
+    return LORA_SHAPES[name] if DEVICE == "cpu" else SHAPES[MEMORY_SHAPE]
+
+
+def training_run_case(kind: str, shape_name: str):
+    """The measured region: build the models ("full": policy and a frozen reference copy; "lora": one model with
+    rank-16 adapters), AdamW, and run two trainer steps; memory counted from before the models exist."""
+
+    def run():
+        shape = _lora_shape(shape_name)
+        if kind == "full":
+            policy, reference = make_models(shape)
+            trainer = make_trainer(policy, reference, shape)
+        else:
+            trainer = make_trainer(make_model(shape, seed=0), None, shape, lora_rank=LORA_RANK)
+        for _ in range(2):
+            trainer.train_step()
+        synchronize()
+
+    return run
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+@pytest.mark.parametrize("shape_name", list(LORA_SHAPES) if DEVICE == "cpu" else [MEMORY_SHAPE])
+def bench_lora_peak_memory(record, shape_name, kind):
+    """Peak memory of a whole short run (models, optimizer state, two DPO steps): LoRA with the adapter-off
+    reference against full fine-tuning with a frozen reference copy, same model and batch."""
+    shape = _lora_shape(shape_name)
+    peak = peak_memory_bytes("bench.bench_train", "training_run_case", dict(kind=kind, shape_name=shape_name))
+    params = sum(p.numel() for p in make_model(shape, seed=0).parameters())
+    record(shape=shape_name, provider=f"fastpo-{kind}", mode="run", params=params, pairs=shape.pairs,
+           lora_rank=LORA_RANK if kind == "lora" else 0, peak_mb=peak / 2**20)

@@ -91,7 +91,8 @@ def pack_extras(stats: TokenStats) -> torch.Tensor:
 
 
 def unpack_extras(logp: torch.Tensor, extras_4N: torch.Tensor | None) -> TokenStats:
-    if extras_4N is None or extras_4N.numel() == 0:
+    """Inverse of `pack_extras`; None or a 1-D empty tensor (the Functions' "no extras") gives logp alone."""
+    if extras_4N is None or extras_4N.dim() != 2:
         return TokenStats(logp=logp)
     entropy, log_sum_sq, mean_logits, is_top1 = extras_4N.unbind(0)
     return TokenStats(logp, entropy, log_sum_sq, mean_logits, is_top1 > 0.5)

@@ -190,19 +190,71 @@ def _bad_inputs():
         ("target_negative", dict(targets=torch.tensor([0, -1, 1, 2, 3, 4])), ValueError, "[0, V=11)"),
         ("bias_shape", dict(bias=torch.randn(10)), ValueError, "bias must be [V]=11"),
         ("temperature", dict(temperature=0.0), ValueError, "temperature must be a finite number > 0"),
+        ("temperature_negative", dict(temperature=-1.0), ValueError, "temperature must be a finite number > 0"),
+        ("softcap_negative", dict(softcap=-30.0), ValueError, "softcap must be None or a finite number > 0"),
         ("impl", dict(impl="cuda"), ValueError, "impl must be one of"),
+        ("vocab_empty", dict(weight=torch.randn(0, 8)), ValueError, "with V >= 1"),
+        ("chunk_tokens", dict(chunk_tokens=0), ValueError, "chunk_tokens must be an int >= 1"),
+        ("ignore_index_none", dict(ignore_index=None), TypeError, "ignore_index must be an int"),
     ], (h, w, y)
 
 
-@pytest.mark.parametrize("idx", range(len(_bad_inputs()[0])), ids=[c[0] for c in _bad_inputs()[0]])
-def test_bad_input_raises_clear_error(idx):
+def _call_with(fn, idx):
     cases, (h, w, y) = _bad_inputs()
     _, change, exc, message = cases[idx]
     args = dict(hidden=h, weight=w, targets=y) | {k: v for k, v in change.items() if k in ("hidden", "weight", "targets")}
     kwargs = {k: v for k, v in change.items() if k not in ("hidden", "weight", "targets")}
-    with pytest.raises(exc, match=None) as info:
-        fastpo.token_logprobs(args["hidden"], args["weight"], args["targets"], **kwargs)
+    with pytest.raises(exc) as info:
+        fn(args["hidden"], args["weight"], args["targets"], **kwargs)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("idx", range(len(_bad_inputs()[0])), ids=[c[0] for c in _bad_inputs()[0]])
+def test_bad_input_raises_clear_error(idx):
+    _call_with(fastpo.token_logprobs, idx)
+
+
+@pytest.mark.parametrize("idx", range(len(_bad_inputs()[0])), ids=[c[0] for c in _bad_inputs()[0]])
+def test_pair_fused_path_validates_as_the_op_does(idx):
+    """The fused losses run the op's one validation on both paths: the same error for the same bad input."""
+    from fastpo.losses import ResponseLayout, fused_linear_preference_loss
+
+    def loss(hidden, weight, targets, **kw):
+        layout = ResponseLayout(torch.arange(6) // 2 % 2 if targets.dim() == 1 else torch.arange(1), torch.tensor([[0, 1]]))
+        hidden = hidden.requires_grad_() if hidden.is_floating_point() else hidden
+        return fused_linear_preference_loss(hidden, weight, targets, layout=layout, path="pair_fused",
+                                            loss_type="simpo", **kw)
+
+    _call_with(loss, idx)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_any_integer_target_dtype_is_accepted(dtype):
+    h, w, y = torch.randn(6, 8), torch.randn(11, 8), torch.randint(0, 11, (6,))
+    torch.testing.assert_close(fastpo.token_logprobs(h, w, y.to(dtype)), fastpo.token_logprobs(h, w, y))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_rows_gives_empty_outputs_and_gradients(impl):
+    """N = 0 (a batch whose responses were all cut away upstream): empty log-probs, zero gradients."""
+    h = torch.randn(0, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    stats = fastpo.token_stats(h, w, torch.zeros(0, dtype=torch.long), extras=True, impl=impl)
+    assert stats.logp.shape == (0,) and stats.entropy.shape == (0,)
+    stats.logp.sum().backward()
+    assert h.grad.shape == (0, 8) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_ignored_rows_with_huge_logits_get_zero_not_nan_gradients():
+    """Rows whose target is ignored carry no log-prob; their logits may be far beyond exp's range (here
+    around 200) and must still get exactly zero gradient, never NaN (0 * inf)."""
+    h = torch.randn(4, 8) * 40
+    w = torch.randn(11, 8)
+    y = torch.tensor([3, -100, 5, -100])
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    fastpo.token_logprobs(hh, ww, y, impl="torch").sum().backward()
+    assert torch.isfinite(hh.grad).all() and torch.isfinite(ww.grad).all()
+    assert torch.equal(hh.grad[1], torch.zeros(8)) and torch.equal(hh.grad[3], torch.zeros(8))
 
 
 def test_ignore_index_is_accepted_in_range_check():
