@@ -13,15 +13,17 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastpo", "fastpo.losses", "fastpo.kernels"],
+    # the bundled demo (model config, tokenizer, data and the script that generates the data) is a package of
+    # its own, so that setuptools ships its files without treating an undeclared folder of modules as one
+    packages=["fastpo", "fastpo.losses", "fastpo.kernels", "fastpo.assets", "fastpo.assets.demo"],
     package_dir={"fastpo.kernels": "kernels"},
-    package_data={"fastpo": ["assets/*", "assets/**/*"]},
-    include_package_data=True,
+    package_data={"fastpo.assets.demo": ["*.json", "*.jsonl"]},
     install_requires=[
         "torch>=2.9",
         "triton>=3.4",
         "transformers>=5.0",
         "datasets>=3.0",
+        "peft>=0.13",
         "tqdm",
         "numpy",
     ],

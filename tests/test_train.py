@@ -430,3 +430,48 @@ def test_mixed_group_sizes_two_ranks_equal_one_process(tmp_path):
     for step in one:
         assert abs(one[step] - two[step]) <= 1e-5 * max(1.0, abs(one[step])), (step, one[step], two[step])
     _assert_same_evals(_evals(tmp_path / "one"), _evals(tmp_path / "two"))
+
+
+def test_records_carry_throughput_and_trl_names_and_summary_lists_outputs(tmp_path, capsys, one_thread):
+    """Every training record has TRL / HF Trainer's names (learning_rate, epoch, num_tokens) and the step's
+    time, tokens/s and peak memory; the end of the run logs train_runtime and samples / steps per second and
+    prints where the model, metrics, plots, checkpoints and TensorBoard logs are."""
+    result = train_cli.main([*FAST, "--logging.out_dir", str(tmp_path), "--checkpoint.dir", str(tmp_path / "ckpt"),
+                             "--device", "cpu", "--logging.plots", "false"])
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    steps = [r for r in records if "loss" in r and "step" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        for key in ("learning_rate", "epoch", "num_tokens", "grad_norm", "time/step_s", "throughput/tokens_per_s",
+                    "memory/peak_gib"):
+            assert key in r and r[key] >= 0, (key, r)
+        assert "lr" not in r
+    assert steps[0]["num_tokens"] < steps[-1]["num_tokens"] and steps[-1]["epoch"] == pytest.approx(4 * 8 / 3000)
+    final = records[-1]
+    assert {"train_runtime", "train_samples_per_second", "train_steps_per_second"} <= final.keys()
+    assert final["train_steps_per_second"] == pytest.approx(4 / final["train_runtime"])
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "peak memory" in out
+    for line in ("model ", "metrics ", "plots ", "checkpoints ", "tensorboard "):
+        assert line in out
+    assert os.path.isdir(tmp_path / "final") and result["train_runtime"] > 0
+
+
+@pytest.mark.slow
+def test_hsdp_two_ranks_one_shard_each_equal_one_process(tmp_path):
+    """--parallel.dp_shard 1 on 2 ranks: a 2-D mesh (2 replicas of 1 shard), gradients all-reduced across the
+    replicas: the one-process losses."""
+    _run([], tmp_path / "one")
+    _run(["--parallel.dp_shard", "1"], tmp_path / "hsdp", nproc=2)
+    one, hsdp = _losses(tmp_path / "one"), _losses(tmp_path / "hsdp")
+    assert sorted(one) == sorted(hsdp) == [1, 2, 3, 4]
+    for step in one:
+        assert abs(one[step] - hsdp[step]) <= 1e-5 * max(1.0, abs(one[step])), (step, one, hsdp)
+
+
+def test_dp_shard_must_divide_the_world(monkeypatch):
+    from fastpo import parallel
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match="--parallel.dp_shard=3 must divide the world size 4"):
+        parallel.init_world("cpu", 3)
