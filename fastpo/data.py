@@ -17,11 +17,8 @@ Formats (`DataConfig.format`, "auto" detects them from the columns):
 |            | completions + ranks (1 = best) or scores (high = best)  |                                             |
 | kto        | prompt, completion, label (bool)                        | one response, label = desirable             |
 
-Local .json/.jsonl files are parsed with Python's json module: datasets' JSON builder stores a column whose
-rows mix types as JSON and reads numeric strings back as numbers ("019" -> 19), and text must stay as written.
-Text columns (`TEXT_COLUMNS`, message contents included) read a JSON number as its literal text (1.50 -> "1.50").
-Every column holds one kind of value in all rows; a file mixing formats (say plain strings and message lists)
-is refused with the rows that disagree.
+Files are read by `fastpo.data_files`: local .json/.jsonl exactly as written (numeric strings stay strings),
+one kind of value per column (a file mixing formats is refused with the rows that disagree).
 
 Unpaired objectives (KTO; `load_preference_dataset(..., unpaired=True)`) read kto rows as they are and split
 each pair of the paired formats (preference, chat, hh) into a desirable example (chosen, label True) and an
@@ -61,14 +58,16 @@ a start, the sequence is the same and only the prompt/response boundary differs.
 
 from __future__ import annotations
 
-import json
-import os
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import NamedTuple
 
 from fastpo.config import DEMO_EVAL, DEMO_MODEL, DEMO_TRAIN, DataConfig
+from fastpo.data_files import (  # noqa: F401  (check_data_files is part of this module's API)
+    check_data_files,
+    is_messages,
+    load_splits,
+)
 
 FORMATS = {
     "preference": "prompt, chosen, rejected (strings)",
@@ -79,13 +78,9 @@ FORMATS = {
 }
 PAIRED_FORMATS = ("preference", "chat", "hh")
 """Formats with one chosen/rejected pair per row: unpaired objectives unpair them."""
-LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-TEXT_COLUMNS = ("prompt", "chosen", "rejected", "completion", "responses", "completions")
-"""Columns of text (strings or message lists): a JSON number in them is read as its literal text."""
 HH_TURN = "\n\nAssistant:"
 OVER_BUDGET = {"length": "prompt_too_long", "max_tokens": "exceeds_max_tokens"}
 """Filter reason of a truncation rule that leaves a response no token."""
-MAX_LISTED_ROWS = 5
 
 
 class DemoPaths(NamedTuple):
@@ -184,237 +179,8 @@ def check_token_ids(examples, vocab_size: int, tokenizer_source: str, model_sour
 
 
 # ----------------------------------------------------------------------------------------------------
-# loading
-# ----------------------------------------------------------------------------------------------------
-
-
-def check_data_files(cfg: DataConfig) -> None:
-    """Preflight, before the model is built: every local data file (--data.dataset, --data.eval_dataset) exists,
-    has a supported extension, decodes and has rows; errors name the file and the row. Hub ids are checked
-    when loaded."""
-    for source in (cfg.dataset, cfg.eval_dataset):
-        path = local_path(source) if source is not None else None
-        if path is not None and path.is_file():
-            read_local_file(path)
-
-
-def local_path(source: str) -> Path | None:
-    """The local file or directory `source` names, None for a Hub id; ValueError if a path-like source is
-    missing or has an unsupported extension."""
-    path = Path(source).expanduser()
-    local = path.exists() or path.suffix in LOCAL_BUILDERS or source.startswith((".", "/", "~"))
-    if not local:
-        return None
-    if not path.exists():
-        raise ValueError(f"dataset file {source!r} does not exist (expected a Hub id or a local "
-                         f".json/.jsonl/.parquet file)")
-    if path.is_file() and path.suffix not in LOCAL_BUILDERS:
-        raise ValueError(f"dataset file {source!r}: unsupported extension {path.suffix!r}; "
-                         f"expected one of {sorted(LOCAL_BUILDERS)}")
-    return path
-
-
-def read_local_file(path: Path):
-    """A local .json/.jsonl/.parquet file -> `datasets.Dataset`, with at least one row."""
-    import datasets
-    import pyarrow.parquet as pq
-
-    if LOCAL_BUILDERS[path.suffix] == "json":
-        return rows_to_dataset(read_json_rows(path), str(path))
-    try:
-        ds = datasets.Dataset.from_parquet(str(path)) if pq.ParquetFile(path).metadata.num_rows else None
-    except Exception as e:  # pyarrow raises several types (ArrowInvalid, OSError, ...)
-        raise ValueError(f"dataset file {str(path)!r}: cannot read it as parquet: {type(e).__name__}: {e}") from e
-    if ds is None:
-        raise ValueError(f"dataset file {str(path)!r} has no rows")
-    check_column_types(ds, str(path))
-    return ds
-
-
-def read_json_rows(path: Path) -> list[dict]:
-    """The rows of a .json (an array of objects, or one object per line) or .jsonl file, values as written."""
-    name = str(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ValueError(f"dataset file {name!r} cannot be read: {e}") from e
-    text = _decode_utf8(data, name).removeprefix("\ufeff")
-    rows = _json_array(text, name) if text.lstrip().startswith("[") else _json_lines(text, name)
-    if not rows:
-        raise ValueError(f"dataset file {name!r} has no rows")
-    return rows
-
-
-def _decode_utf8(data: bytes, name: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"dataset file {name!r} is not UTF-8: byte {data[e.start]:#04x} at line {line} (byte offset "
-                         f"{e.start}); re-encode the file as UTF-8") from None
-
-
-def _json_lines(text: str, name: str) -> list[dict]:
-    rows = []
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = _parse_json(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"dataset file {name!r} line {lineno} (row {len(rows)}): invalid JSON, {e.msg} at "
-                             f"column {e.colno}") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"dataset file {name!r} line {lineno} (row {len(rows)}): expected a JSON object, "
-                             f"got {value_kind(row)}")
-        rows.append(row)
-    return rows
-
-
-def _json_array(text: str, name: str) -> list[dict]:
-    try:
-        rows = _parse_json(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"dataset file {name!r}: invalid JSON, {e.msg} at line {e.lineno} column {e.colno}") from None
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise ValueError(f"dataset file {name!r} row {i}: expected a JSON object, got {value_kind(row)}")
-    return rows
-
-
-class _JsonNumber(str):
-    """The literal text of a JSON number: text in `TEXT_COLUMNS`, a number elsewhere (`_resolve_numbers`)."""
-
-
-def _parse_json(text: str):
-    return json.loads(text, parse_int=_JsonNumber, parse_float=_JsonNumber)
-
-
-def _resolve_numbers(value, as_text: bool):
-    if isinstance(value, _JsonNumber):
-        return str(value) if as_text else json.loads(value)
-    if isinstance(value, list):
-        return [_resolve_numbers(v, as_text) for v in value]
-    if isinstance(value, dict):
-        return {k: _resolve_numbers(v, as_text) for k, v in value.items()}
-    return value
-
-
-def rows_to_dataset(rows: list[dict], source: str):
-    """`datasets.Dataset` of JSON rows: one column per key of any row (None where a row lacks it), each column
-    holding one kind of value."""
-    import datasets
-
-    names = list(dict.fromkeys(k for row in rows for k in row))
-    columns = {k: [_resolve_numbers(row.get(k), k in TEXT_COLUMNS) for row in rows] for k in names}
-    for k, values in columns.items():
-        check_one_kind(values, k, source)
-    try:
-        return datasets.Dataset.from_dict(columns)
-    except Exception as e:  # pyarrow: ArrowInvalid, ArrowTypeError
-        raise ValueError(f"dataset {source!r}: cannot store its rows: {type(e).__name__}: {e}") from e
-
-
-def value_kind(value) -> str | None:
-    """The kind of a JSON value that tells formats apart: "string", "message list", "list of strings", ...;
-    None for null and an empty list, which fit any kind."""
-    if value is None or (isinstance(value, list) and not value):
-        return None
-    if isinstance(value, list):
-        if _is_messages(value):
-            return "message list"
-        kinds = {value_kind(v) for v in value}
-        if len(kinds) > 1 or None in kinds:
-            return "list"
-        kind = kinds.pop()
-        return "list of lists" if kind.startswith("list") else f"list of {kind}s"
-    kinds = ((bool, "boolean"), ((int, float, _JsonNumber), "number"), (str, "string"), (dict, "object"))
-    return next((name for types, name in kinds if isinstance(value, types)), type(value).__name__)
-
-
-def check_one_kind(values, column: str, source: str) -> None:
-    """Raise, listing rows, when the values of a column are of more than one kind (mixed formats)."""
-    rows = defaultdict(list)
-    for i, v in enumerate(values):
-        kind = value_kind(v)
-        if kind is not None:
-            rows[kind].append(i)
-    if len(rows) > 1:
-        parts = ", ".join(f"{k} in rows {r[:MAX_LISTED_ROWS]}{' ...' if len(r) > MAX_LISTED_ROWS else ''} "
-                          f"({len(r)} rows)" for k, r in sorted(rows.items(), key=lambda kv: -len(kv[1])))
-        raise ValueError(f"dataset {source!r}: column {column!r} mixes kinds of values: {parts}; every row must "
-                         "use the same format")
-
-
-def check_column_types(ds, source: str) -> None:
-    """datasets stores a column whose rows mix types as JSON (and reads numeric strings back as numbers):
-    refuse such columns, listing the rows, as `rows_to_dataset` does for local JSON."""
-    import datasets
-
-    for name, feature in ds.features.items():
-        if isinstance(feature, datasets.Json) or isinstance(getattr(feature, "feature", None), datasets.Json):
-            check_one_kind(ds[name], name, source)
-
-
-def load_raw(source: str, config_name: str | None = None):
-    """A Hub id or a local file/directory -> `datasets.DatasetDict` (a file through `read_local_file`, the rest
-    through datasets); ValueError with the source on failure."""
-    import datasets
-
-    path = local_path(source)
-    if path is not None and path.is_file():
-        return datasets.DatasetDict({"train": read_local_file(path)})
-    try:
-        raw = datasets.load_dataset(str(path) if path is not None else source, name=config_name)
-    except Exception as e:  # datasets raises many types (DatasetNotFoundError, FileNotFoundError, ...)
-        where = "local directory" if path is not None else "Hugging Face Hub dataset"
-        raise ValueError(f"could not load {where} {source!r}: {type(e).__name__}: {e}. Expected a Hub "
-                         "dataset id or a local .json/.jsonl/.parquet file") from e
-    for split, ds in raw.items():
-        check_column_types(ds, f"{source}[{split}]")
-    return raw
-
-
-def load_splits(cfg: DataConfig):
-    """(train, eval or None) `datasets.Dataset`s: the eval file, else the eval split, else a seeded
-    `eval_fraction` carved from the training rows."""
-    raw = load_raw(cfg.dataset, cfg.dataset_config)
-    if cfg.train_split not in raw:
-        raise ValueError(f"dataset {cfg.dataset!r} has no split {cfg.train_split!r} (--data.train_split); "
-                         f"its splits: {list(raw)}")
-    train = raw[cfg.train_split]
-    if len(train) == 0:
-        raise ValueError(f"dataset {cfg.dataset!r} split {cfg.train_split!r} has no rows")
-    eval_source = cfg.eval_dataset
-    if eval_source is None and os.path.abspath(cfg.dataset) == os.path.abspath(DEMO_TRAIN):
-        eval_source = DEMO_EVAL
-    if eval_source is not None:
-        raw_eval = load_raw(eval_source, cfg.dataset_config)
-        split = cfg.eval_split if cfg.eval_split in raw_eval else next(iter(raw_eval))
-        evals = raw_eval[split]
-    elif cfg.eval_split in raw and cfg.eval_split != cfg.train_split:
-        evals = raw[cfg.eval_split]
-    elif cfg.eval_fraction > 0 and len(train) >= 2:
-        parts = train.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed, shuffle=True)
-        train, evals = parts["train"], parts["test"]
-    else:
-        evals = None
-    if cfg.max_train_examples is not None:
-        train = train.select(range(min(cfg.max_train_examples, len(train))))
-    if evals is not None and cfg.max_eval_examples is not None:
-        evals = evals.select(range(min(cfg.max_eval_examples, len(evals))))
-    return train, evals
-
-
-# ----------------------------------------------------------------------------------------------------
 # formats
 # ----------------------------------------------------------------------------------------------------
-
-
-def _is_messages(value) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
-    )
 
 
 def _first_value(ds, column: str):
@@ -430,7 +196,7 @@ def detect_format(ds, source: str = "") -> str:
     if "prompt" in cols and ("responses" in cols or ("completions" in cols and cols & {"ranks", "scores"})):
         return "ranked"
     if {"chosen", "rejected"} <= cols:
-        if any(_is_messages(_first_value(ds, k)) for k in ("chosen", "rejected", "prompt")):
+        if any(is_messages(_first_value(ds, k)) for k in ("chosen", "rejected", "prompt")):
             return "chat"
         return "preference" if "prompt" in cols else "hh"
     raise ValueError(_columns_error(source, cols, "cannot detect the data format"))
@@ -505,7 +271,7 @@ def split_transcripts(chosen: str, rejected: str) -> tuple[str, list[str], None]
 def _chat_pair(prompt, chosen, rejected):
     """Chat rows: the prompt turns are the `prompt` column (messages, or a string = one user turn) when the
     responses hold only the answer, else the turns `chosen` and `rejected` share."""
-    if not _is_messages(chosen) or not _is_messages(rejected):
+    if not is_messages(chosen) or not is_messages(rejected):
         raise Malformed("messages")
     if isinstance(prompt, str) and chosen and chosen[0]["role"] != "assistant":
         prompt = None  # UltraFeedback: the string prompt repeats the first user turn of each list
@@ -517,7 +283,7 @@ def _chat_pair(prompt, chosen, rejected):
             n -= 1
         return chosen[:n], [chosen[n:], rejected[n:]], None
     prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    if not _is_messages(prompt):
+    if not is_messages(prompt):
         raise Malformed("prompt")
     return prompt, [chosen, rejected], None
 
@@ -544,7 +310,7 @@ def render_chat(tokenizer, prompt, responses) -> tuple[str, list[str]]:
         raise ValueError("chat-format data needs a tokenizer with a chat template (tokenizer.chat_template is None)")
     prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     turns = [[{"role": "assistant", "content": r}] if isinstance(r, str) else list(r) for r in responses]
-    if not all(map(_is_messages, [prompt, *turns])) or not all(turns):
+    if not all(map(is_messages, [prompt, *turns])) or not all(turns):
         raise Malformed("messages, or no response turn")
     head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     return head, [tokenizer.apply_chat_template(prompt + t, tokenize=False) for t in turns]

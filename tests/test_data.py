@@ -10,14 +10,8 @@ import pytest
 
 from fastpo import config
 from fastpo.config import DataConfig
-from fastpo.data import (
-    check_data_files,
-    check_token_ids,
-    demo_paths,
-    load_preference_dataset,
-    load_raw,
-    truncate,
-)
+from fastpo.data import check_data_files, check_token_ids, demo_paths, load_preference_dataset, truncate
+from fastpo.data_files import load_raw
 from fastpo.packing import TruncationReport, pack_examples
 
 

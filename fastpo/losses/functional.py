@@ -192,7 +192,7 @@ def plan_chunks(layout: ResponseLayout, chunk_tokens: int, device, valid_N: torc
     without a target (prompt, padding) from the chunks: they cost no FLOPs and get a zero gradient.
     """
     host = layout.on_host()
-    token_response, group_index = host.token_response, host.group_index
+    token_response = host.token_response
     group_of = host.group_of_response()
     token_group = group_of[token_response]
     order = torch.argsort(token_group, stable=True)
