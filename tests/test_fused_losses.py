@@ -277,7 +277,7 @@ def _small():
     (lambda h, w, y: (h[:3], w, y[:3], {}), "even number of rows"),
     (lambda h, w, y: (h, w, y.index_fill(0, torch.tensor([2]), -100), {}),
      r"responses \[2\] have no completion tokens"),
-    (lambda h, w, y: (h, w, y, {"loss_type": "dpo2"}), "unknown loss_type 'dpo2'"),
+    (lambda h, w, y: (h, w, y, {"loss_type": "dpo2"}), "Unsupported loss_type 'dpo2'"),
     (lambda h, w, y: (h, w, y, {"beta": 0.0}), "beta must be a finite number > 0"),
     (lambda h, w, y: (h, w, y, {"loss_type": "robust", "label_smoothing": 0.7}), "label_smoothing must lie in"),
     (lambda h, w, y: (h, w, y, {"loss_type": "aot", "path": "pair_fused"}), "needs the generic path"),

@@ -413,13 +413,13 @@ def _args(B=3):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"loss_type": "dpoo"}, "unknown loss_type 'dpoo'; valid names: .*sigmoid"),
-    ({"loss_type": ["sigmoid", "nope"]}, "unknown loss_type 'nope'"),
+    ({"loss_type": "dpoo"}, "Unsupported loss_type 'dpoo'; valid names: .*sigmoid"),
+    ({"loss_type": ["sigmoid", "nope"]}, "Unsupported loss_type 'nope'"),
     ({"beta": 0.0}, "beta must be a finite number > 0"),
     ({"beta": -1.0}, "beta must be a finite number > 0"),
-    ({"loss_type": "robust", "label_smoothing": 0.5}, r"label_smoothing must lie in \[0, 0.5\)"),
-    ({"loss_type": "robust", "label_smoothing": -0.1}, r"label_smoothing must lie in \[0, 0.5\)"),
-    ({"loss_type": "exo_pair", "label_smoothing": 0.0}, r"label_smoothing must lie in \(0, 0.5\)"),
+    ({"loss_type": "robust", "label_smoothing": 0.5}, r"label_smoothing must lie in \[0.0, 0.5\) for loss_type='robust'"),
+    ({"loss_type": "robust", "label_smoothing": -0.1}, r"label_smoothing must lie in \[0.0, 0.5\)"),
+    ({"loss_type": "exo_pair", "label_smoothing": 0.0}, "label_smoothing must be > 0 for loss_type='exo_pair'"),
     ({"loss_type": "sigmoid", "label_smoothing": 0.1}, "'label_smoothing' has no effect"),
     ({"loss_type": "discopop", "discopop_tau": 0.0}, "discopop_tau must be"),
     ({"loss_type": "ipo"}, "needs num_tokens"),

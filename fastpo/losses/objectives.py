@@ -48,11 +48,14 @@ def _check_beta(beta, name="beta"):
         raise ValueError(f"{name} must be a finite number > 0, got {beta!r}")
 
 
-def _check_label_smoothing(eps, *, positive=False):
+def _check_label_smoothing(eps, name, *, positive=False):
+    """eps in [0, 0.5), or in (0, 0.5) where the loss takes log(eps) (EXO). The messages keep Liger-Kernel's
+    wording, so code matching its errors keeps working."""
     ok = isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0.0 <= eps < 0.5
-    if not ok or (positive and eps <= 0.0):
-        lo = "(0" if positive else "[0"
-        raise ValueError(f"label_smoothing must lie in {lo}, 0.5), got {eps!r}")
+    if ok and positive and eps <= 0.0:
+        raise ValueError(f"label_smoothing must be > 0 for loss_type={name!r} (it lies in (0, 0.5)), got {eps!r}")
+    if not ok:
+        raise ValueError(f"label_smoothing must lie in [0.0, 0.5) for loss_type={name!r}, got {eps!r}")
 
 
 def _check_weight(value, name):
@@ -198,7 +201,7 @@ def exo_pair(inputs, *, beta=0.1, label_smoothing=1e-3, f_divergence_type="rever
 
     q_w = sigmoid(z), q_l = sigmoid(-z);  L = q_w (log q_w - log(1 - eps)) + q_l (log q_l - log eps), eps > 0.
     """
-    _check_label_smoothing(label_smoothing, positive=True)
+    _check_label_smoothing(label_smoothing, "exo_pair", positive=True)
     z = _margin_logit(inputs, beta, "exo_pair", f_divergence_type, f_alpha_divergence_coef)
     eps = label_smoothing
     losses = torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
@@ -224,7 +227,7 @@ def robust(inputs, *, beta=0.1, label_smoothing=0.0, f_divergence_type="reverse_
 
     L = [(1 - eps) l(z) - eps l(-z)] / (1 - 2 eps), eps = label-flip rate in [0, 0.5).
     """
-    _check_label_smoothing(label_smoothing)
+    _check_label_smoothing(label_smoothing, "robust")
     z = _margin_logit(inputs, beta, "robust", f_divergence_type, f_alpha_divergence_coef)
     eps = label_smoothing
     losses = (-(1.0 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
@@ -235,7 +238,7 @@ def cdpo(inputs, *, beta=0.1, label_smoothing=0.0, f_divergence_type="reverse_kl
     """Conservative DPO (TRL <= 0.28 `sigmoid` with label smoothing). Mitchell, *A note on DPO with noisy
     preferences*.  L = (1 - eps) l(z) + eps l(-z).
     """
-    _check_label_smoothing(label_smoothing)
+    _check_label_smoothing(label_smoothing, "cdpo")
     z = _margin_logit(inputs, beta, "cdpo", f_divergence_type, f_alpha_divergence_coef)
     return _out(_smoothed_logistic(z, label_smoothing), _rewards(inputs, beta))
 
@@ -270,7 +273,7 @@ def aot(inputs, *, beta=0.1, label_smoothing=0.0):
     L_i = (1 - eps) l(beta Delta_i) + eps l(-beta Delta_i). Batch-coupled: never pair-fused.
     """
     _no_margin(inputs, "aot")
-    _check_label_smoothing(label_smoothing)
+    _check_label_smoothing(label_smoothing, "aot")
     s_w, s_l = _pair(_up(inputs.logps), "aot")
     ref_w, ref_l = _pair(_ref_sum(inputs), "aot")
     delta = torch.sort(s_w - s_l).values - torch.sort(ref_w - ref_l).values
@@ -281,7 +284,7 @@ def aot(inputs, *, beta=0.1, label_smoothing=0.0):
 def aot_unpaired(inputs, *, beta=0.1, label_smoothing=0.0):
     """AOT, unpaired (TRL <= 0.28 `aot_pair`). Same paper.  Delta = sort(c) - sort(r)."""
     _no_margin(inputs, "aot_unpaired")
-    _check_label_smoothing(label_smoothing)
+    _check_label_smoothing(label_smoothing, "aot_unpaired")
     c, r = _pair(logratios(inputs), "aot_unpaired")
     delta = torch.sort(c).values - torch.sort(r).values
     z = (_beta(inputs, beta) * delta[:, None])[:, 0]
@@ -361,7 +364,7 @@ def simpo(inputs, *, beta=0.1, gamma=0.5, label_smoothing=0.0):
 
     z = beta (M_w - M_l) - gamma - margin, M = S / n;  L = (1 - eps) l(z) + eps l(-z);  rewards beta M.
     """
-    _check_label_smoothing(label_smoothing)
+    _check_label_smoothing(label_smoothing, "simpo")
     b = _beta(inputs, beta)
     mean_logps = _up(inputs.logps) / _counts(inputs, "simpo")
     m_w, m_l = _pair(mean_logps, "simpo")
@@ -375,7 +378,7 @@ def cpo(inputs, *, beta=0.1, label_smoothing=0.0, cpo_alpha=1.0):
     Machine Translation*.  L = (1 - eps) l(z) + eps l(-z) + alpha NLL_w, z = beta (S_w - S_l) - margin,
     summed log-probs; rewards beta S.
     """
-    _check_label_smoothing(label_smoothing)
+    _check_label_smoothing(label_smoothing, "cpo")
     _check_weight(cpo_alpha, "cpo_alpha")
     b = _beta(inputs, beta)
     s_w, s_l = _pair(_up(inputs.logps), "cpo")
@@ -580,7 +583,7 @@ def loss_names(loss_type) -> tuple[str, ...]:
         raise ValueError("loss_type must name at least one loss")
     for name in names:
         if name not in LOSSES:
-            raise ValueError(f"unknown loss_type {name!r}; valid names: {sorted(LOSSES)}")
+            raise ValueError(f"Unsupported loss_type {name!r}; valid names: {sorted(LOSSES)}")
     return names
 
 
