@@ -70,8 +70,12 @@ def init_world(device: str = "auto", dp_shard: int = -1) -> World:
     return World(rank, size, dev, mesh)
 
 
-def close_world():
+def close_world(*, barrier: bool = True):
+    """Leave the process group. After a normal run every rank first waits for the others (rank 0 may still be
+    writing the export or plots), so no rank tears its transport down while a peer is still using it."""
     if dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

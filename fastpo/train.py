@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     validate(cfg)
     preflight.check_run(cfg)
     world = parallel.init_world(cfg.device, cfg.parallel.dp_shard)
-    log = None
+    log, finished = None, False
     try:
         trainer, tokenizer, report = build(cfg, world)
         resume = resolve_resume(cfg)
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = run(trainer, log)
         totals = run_totals(trainer.state.history, result.train_runtime, cfg.data.batch_size)
         if result.stopped:
+            finished = True
             return {"config": to_dict(cfg), "stopped": True, "history": trainer.state.history}
         log.log(trainer.state.step, {k: v for k, v in totals.items() if k.startswith("train_")})
         exported = None
@@ -106,12 +107,14 @@ def main(argv: list[str] | None = None) -> dict:
         log.message(held_out_summary(result.before, result.after))
         log.message(throughput_summary(totals))
         log.message(outputs_summary(cfg, exported))
+        finished = True
         return {"config": to_dict(cfg), "before": result.before, "after": result.after, **totals,
                 "history": trainer.state.history}
     finally:
         if log is not None:
             log.close(trainer.state.history)
-        parallel.close_world()
+        # after an error a rank must not wait at a barrier its failed peers will never reach
+        parallel.close_world(barrier=finished)
 
 
 def cli(argv: list[str] | None = None) -> int:
