@@ -49,7 +49,8 @@ def _run(args, out_dir, *, nproc=1, timeout=600):
 
 @pytest.mark.slow
 def test_embedded_default_learns(tmp_path):
-    """`python -m fastpo.train` with no arguments (outputs redirected): held-out accuracy far above chance."""
+    """`python -m fastpo.train` with no arguments: held-out accuracy far above chance, the trained model saved
+    to outputs/final (loadable with `from_pretrained`), and the summary lists the outputs."""
     proc = subprocess.run([sys.executable, "-m", "fastpo.train"], capture_output=True, text=True, env=_env(),
                           cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -59,6 +60,14 @@ def test_embedded_default_learns(tmp_path):
     assert after >= 0.8 > before, line
     records = [r for r in map(json.loads, open(tmp_path / "outputs" / "metrics.jsonl")) if "eval/loss" in r]
     assert records[-1]["eval/rewards/margins"] > records[0]["eval/rewards/margins"]
+    # the trained model is saved by default, loads with transformers, and the summary says where everything is
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = tmp_path / "outputs" / "final"
+    AutoModelForCausalLM.from_pretrained(final)
+    AutoTokenizer.from_pretrained(final)
+    assert "eval/rewards/accuracies" in (final / "README.md").read_text()
+    assert f"model        {os.path.join('outputs', 'final')}" in out
 
 
 def _evals(out_dir):
