@@ -31,7 +31,8 @@ def _model_config(cfg, name: str):
         raise ValueError(f"{flag}={name!r}: cannot load a model config from it ({e})") from e
 
 
-def load_model(cfg, device: torch.device, name: str | None = None, *, random_init: bool | None = None):
+def load_model(cfg, device: torch.device, name: str | None = None, *, random_init: bool | None = None,
+               config=None):
     """A transformers causal LM: random init from the config (seeded) or pretrained weights (in 4-bit NF4 with
     `--lora.load_in_4bit`), checked to be scored exactly by fastpo's packed attention and fused head."""
     from transformers import AutoModelForCausalLM
@@ -45,7 +46,8 @@ def load_model(cfg, device: torch.device, name: str | None = None, *, random_ini
     try:
         if random_init:
             torch.manual_seed(cfg.seed)
-            model = AutoModelForCausalLM.from_config(_model_config(cfg, name), dtype=dtype, trust_remote_code=remote)
+            config = _model_config(cfg, name) if config is None else config
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=remote)
         else:
             quantized = lora.quantization_config(cfg.lora)
             extra = {} if quantized is None else {"quantization_config": quantized, "device_map": {"": device}}
@@ -119,7 +121,7 @@ def load_tokenizer(cfg):
         raise ValueError(f"{flag}={source!r}: cannot load a tokenizer from it ({e})") from e
 
 
-def load_data(cfg, tokenizer):
+def load_data(cfg, tokenizer, config):
     """(train, held-out, report): files checked, rows tokenized, token ids checked against the policy's (and a
     separate reference's) vocabulary before any model is built."""
     from fastpo.config import check_data_format
@@ -129,15 +131,16 @@ def load_data(cfg, tokenizer):
     train, held_out, report = load_preference_dataset(cfg.data, tokenizer, unpaired=cfg.loss.unpaired)
     check_data_format(cfg, report.format)
     source = cfg.model.tokenizer or cfg.model.name
-    for name in filter(None, (cfg.model.name, cfg.ref.name if not cfg.loss.reference_free else None)):
-        vocab = _model_config(cfg, name).get_text_config().vocab_size
-        check_token_ids(train + held_out, vocab, source, name)
+    check_token_ids(train + held_out, config.get_text_config().vocab_size, source, cfg.model.name)
+    if cfg.ref.name is not None and not cfg.loss.reference_free:
+        vocab = _model_config(cfg, cfg.ref.name).get_text_config().vocab_size
+        check_token_ids(train + held_out, vocab, source, cfg.ref.name)
     return train, held_out, report
 
 
-def build_policy_and_reference(cfg, world: parallel.World):
+def build_policy_and_reference(cfg, world: parallel.World, config=None):
     """(policy Scorer, reference or None), both parallelized."""
-    model = load_model(cfg, world.device)
+    model = load_model(cfg, world.device, config=config)
     scorer_kw = dict(backend=cfg.model.attn_backend, impl=cfg.model.head_impl)
     if cfg.lora.enabled:
         model = lora.apply_lora(model, cfg.lora, gradient_checkpointing=cfg.model.activation_checkpointing)
@@ -152,10 +155,11 @@ def build_policy_and_reference(cfg, world: parallel.World):
     return policy, reference
 
 
-def check_disk(cfg) -> None:
+def check_disk(cfg, config) -> None:
     """Free space under --checkpoint.dir for one checkpoint (weights and the trainable parameters' AdamW state)."""
     trainable = 0.02 if cfg.lora.enabled else 1.0
-    need = preflight.estimate_checkpoint_bytes(_model_config(cfg, cfg.model.name), cfg.model.dtype, trainable)
+    # a copy: building a model (here on the meta device) writes into its config
+    need = preflight.estimate_checkpoint_bytes(copy.deepcopy(config), cfg.model.dtype, trainable)
     preflight.check_free_disk(cfg.checkpoint.dir, need, "--checkpoint.dir")
 
 
@@ -170,9 +174,10 @@ def build(cfg, world: parallel.World):
     tokenizer = load_tokenizer(cfg)
     if cfg.data.pad_token_id is None:
         cfg.data.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train, held_out, report = load_data(cfg, tokenizer)
-    check_disk(cfg)
-    policy, reference = build_policy_and_reference(cfg, world)
+    config = _model_config(cfg, cfg.model.name)  # read once: token-id check, disk check, random init
+    train, held_out, report = load_data(cfg, tokenizer, config)
+    check_disk(cfg, config)
+    policy, reference = build_policy_and_reference(cfg, world, config)
     o = cfg.optim
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)

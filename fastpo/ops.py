@@ -30,7 +30,6 @@ from fastpo.kernels.partials import (  # noqa: F401  (TokenStats and HeadParams 
     HeadParams,
     Partials,
     TokenStats,
-    addmm_fp32_,
     combine_partials,
     pack_extras,
     unpack_extras,
@@ -120,14 +119,13 @@ def _tile_partials(z_nv, y_n, v0, extras):
     return m, e.sum(-1), zy, _rowdot(e, z_nv), _rowdot(e, e), z_nv.sum(-1), before
 
 
-def _host_valid_rows(targets_N, ignore_index) -> torch.Tensor | None:
-    """Rows with a target, when some are ignored and the targets can be read without a device sync (CPU data):
-    the torch path then runs its GEMMs on those rows only (prompt and padding rows cost nothing). None
-    otherwise (every row valid, or CUDA data, where ignored rows are computed and masked)."""
-    if targets_N.is_cuda:
+def _host_valid_rows(valid_N) -> torch.Tensor | None:
+    """Rows with a target, when some are ignored and the mask can be read without a device sync (CPU data): the
+    torch path then runs its GEMMs on those rows only (prompt and padding rows cost nothing). None otherwise
+    (every row valid, or CUDA data, where ignored rows are computed and masked)."""
+    if valid_N.is_cuda or bool(valid_N.all()):
         return None
-    valid_N = targets_N != ignore_index
-    return None if bool(valid_N.all()) else valid_N.nonzero().squeeze(1)
+    return valid_N.nonzero().squeeze(1)
 
 
 def _scatter_rows(x_n: torch.Tensor | None, rows: torch.Tensor, N: int) -> torch.Tensor | None:
@@ -140,7 +138,7 @@ def _scatter_rows(x_n: torch.Tensor | None, rows: torch.Tensor, N: int) -> torch
 def _torch_forward(hidden_NH, weight_VH, bias_V, targets_N, params: HeadParams):
     valid_N = targets_N != params.ignore_index
     V = weight_VH.shape[0]
-    rows = _host_valid_rows(targets_N, params.ignore_index)
+    rows = _host_valid_rows(valid_N)
     if rows is not None:
         N = hidden_NH.shape[0]
         stats, lse = _torch_forward(hidden_NH[rows], weight_VH, bias_V, targets_N[rows], params)
@@ -169,14 +167,14 @@ def _torch_forward(hidden_NH, weight_VH, bias_V, targets_N, params: HeadParams):
 def _torch_backward(grad_N, hidden_NH, weight_VH, bias_V, targets_N, lse_N, params: HeadParams, needs):
     """da = g (onehot(y) - p) * scale (* the soft cap's chain factor), recomputed per tile in place; dh, dW,
     db accumulate in fp32."""
-    rows = _host_valid_rows(targets_N, params.ignore_index)
+    valid_N = targets_N != params.ignore_index
+    rows = _host_valid_rows(valid_N)
     if rows is not None:
         dh, dW, db = _torch_backward(grad_N[rows], hidden_NH[rows], weight_VH, bias_V, targets_N[rows], lse_N[rows],
                                      params, needs)
         return _scatter_rows(dh, rows, hidden_NH.shape[0]), dW, db
     V = weight_VH.shape[0]
     acc = _acc_dtype(hidden_NH)
-    valid_N = targets_N != params.ignore_index
     g_N = torch.where(valid_N, grad_N.to(acc), 0.0)
     # ignored rows carry lse = 0: +inf makes their p exactly 0 (exp(z - 0) would overflow, and 0 * inf is NaN)
     lse_N = torch.where(valid_N, lse_N, torch.inf)

@@ -315,13 +315,14 @@ class Trainer:
         totals = reduce_sums(sums, self.world.device)
         grad_norm = float(_full(grad_norm))
         learning_rate = self.scheduler.get_last_lr()[0]
-        skipped = self._apply_update(step_metrics(totals)["loss"], grad_norm)
+        metrics = step_metrics(totals)
+        skipped = self._apply_update(metrics["loss"], grad_norm)
         self.scheduler.step()
         self.state.step += 1
         self.state.num_tokens += int(totals["tokens/sequences"])
         self.stop_requested = totals["control/stop"] > 0
         step_s = time.perf_counter() - start
-        return step_metrics(totals) | {
+        return metrics | {
             "grad_norm": grad_norm, "learning_rate": learning_rate,
             "epoch": self.state.step * cfg.data.batch_size / len(self.train_examples),
             "num_tokens": self.state.num_tokens, "skipped": float(skipped),

@@ -110,7 +110,7 @@ def test_pair_fused_with_a_batch_coupled_objective_is_refused():
 def test_head_paths_two_ranks_equal_one_process(tmp_path, data_file, loss):
     """Both head paths under FSDP2 on 2 gloo ranks train to the one-process losses (one process through the
     generic path equals the pair-fused path: the test above)."""
-    from tests.test_train import _losses, _run
+    from tests.test_train import _assert_same_losses, _losses, _run
 
     args = ["--data.dataset", data_file, "--data.eval_dataset", data_file, "--loss.name", loss,
             "--optim.num_steps", "3", "--data.max_eval_examples", "5"]
@@ -119,8 +119,5 @@ def test_head_paths_two_ranks_equal_one_process(tmp_path, data_file, loss):
         out = tmp_path / f"{path}-{nproc}"
         _run([*args, "--model.head_path", path], out, nproc=nproc)
         runs[path, nproc] = _losses(out)
-    base = runs["pair_fused", 1]
-    for key, losses in runs.items():
-        assert sorted(losses) == [1, 2, 3]
-        for step in base:
-            assert abs(losses[step] - base[step]) <= 1e-5 * max(1.0, abs(base[step])), (key, step, losses, base)
+    for losses in runs.values():
+        _assert_same_losses(losses, runs["pair_fused", 1], [1, 2, 3])

@@ -70,6 +70,13 @@ def test_embedded_default_learns(tmp_path):
     assert f"model        {os.path.join('outputs', 'final')}" in out
 
 
+def _assert_same_losses(got, want, steps, tol=1e-5):
+    """Per-step losses of two runs: the same steps, equal to `tol` relative."""
+    assert sorted(got) == sorted(want) == list(steps), (got, want)
+    for step in want:
+        assert abs(got[step] - want[step]) <= tol * max(1.0, abs(want[step])), (step, got, want)
+
+
 def _evals(out_dir):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if '"eval/loss"' in line]
@@ -95,10 +102,7 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path):
     and the one-process held-out metrics on an eval set of odd size."""
     _run(ODD_EVAL, tmp_path / "one")
     _run(ODD_EVAL, tmp_path / "two", nproc=2)
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
-    for step in one:
-        assert abs(one[step] - two[step]) <= 1e-5 * max(1.0, abs(one[step])), (step, one[step], two[step])
+    _assert_same_losses(_losses(tmp_path / "two"), _losses(tmp_path / "one"), [1, 2, 3, 4])
     _assert_same_evals(_evals(tmp_path / "one"), _evals(tmp_path / "two"))
 
 
@@ -365,10 +369,7 @@ def test_kto_two_ranks_equal_one_process(tmp_path):
             "--optim.num_steps", "3"]
     _run(args, tmp_path / "one")
     _run(args, tmp_path / "two", nproc=2)
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert sorted(one) == sorted(two) == [1, 2, 3]
-    for step in one:
-        assert abs(one[step] - two[step]) <= 1e-5 * max(1.0, abs(one[step])), (step, one[step], two[step])
+    _assert_same_losses(_losses(tmp_path / "two"), _losses(tmp_path / "one"), [1, 2, 3])
     _assert_same_evals(_evals(tmp_path / "one"), _evals(tmp_path / "two"))
     assert "eval/kl" in _evals(tmp_path / "one")[-1]
 
@@ -434,10 +435,7 @@ def test_mixed_group_sizes_two_ranks_equal_one_process(tmp_path):
     args = ["--data.dataset", data, "--data.eval_dataset", data, *RANKED, "--optim.num_steps", "3"]
     _run(args, tmp_path / "one")
     _run(args, tmp_path / "two", nproc=2)
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert sorted(one) == sorted(two) == [1, 2, 3]
-    for step in one:
-        assert abs(one[step] - two[step]) <= 1e-5 * max(1.0, abs(one[step])), (step, one[step], two[step])
+    _assert_same_losses(_losses(tmp_path / "two"), _losses(tmp_path / "one"), [1, 2, 3])
     _assert_same_evals(_evals(tmp_path / "one"), _evals(tmp_path / "two"))
 
 
@@ -472,10 +470,7 @@ def test_hsdp_two_ranks_one_shard_each_equal_one_process(tmp_path):
     replicas: the one-process losses."""
     _run([], tmp_path / "one")
     _run(["--parallel.dp_shard", "1"], tmp_path / "hsdp", nproc=2)
-    one, hsdp = _losses(tmp_path / "one"), _losses(tmp_path / "hsdp")
-    assert sorted(one) == sorted(hsdp) == [1, 2, 3, 4]
-    for step in one:
-        assert abs(one[step] - hsdp[step]) <= 1e-5 * max(1.0, abs(one[step])), (step, one, hsdp)
+    _assert_same_losses(_losses(tmp_path / "hsdp"), _losses(tmp_path / "one"), [1, 2, 3, 4])
 
 
 def test_dp_shard_must_divide_the_world(monkeypatch):

@@ -35,7 +35,8 @@ import torch
 from fastpo.losses import stats as S
 from fastpo.losses.objectives import is_pair_local, loss_names
 from fastpo.losses.types import FusedLossOutput, ResponseLayout, SequenceStats
-from fastpo.ops import _logits_f32, _resolve_impl, addmm_fp32_, logit_grad_, token_stats, validate_head_inputs
+from fastpo.kernels.partials import addmm_fp32_
+from fastpo.ops import _logits_f32, _resolve_impl, logit_grad_, token_stats, validate_head_inputs
 
 PATHS = ("auto", "generic", "pair_fused")
 
@@ -238,6 +239,8 @@ class FusedParams:
     weights_N: torch.Tensor | None
     mean_head: tuple | None
     """`_mean_head` of the weight (torch path)."""
+    triton_rows: bool
+    """Row statistics and dz from the Triton row kernels (impl "triton"), else PyTorch ops."""
 
 
 def _chunk_logits(h, weight, bias, scale, softcap, chunk_vocab):
@@ -343,7 +346,7 @@ def _run_chunk(plan, hidden_NH, weight, bias, targets_N, p: FusedParams, grads):
     """Forward, objective and head gradients of one chunk; returns (loss part, SequenceStats of its responses)."""
     h, y = hidden_NH[plan.rows], targets_N[plan.rows]
     valid = y != p.head.ignore_index
-    triton_rows = _resolve_impl(p.head.impl, h.device) == "triton"
+    triton_rows = p.triton_rows
     wpo = p.config.use_weighting
     z = _chunk_logits(h, weight, bias, 1.0 / p.head.temperature, p.head.softcap, p.head.chunk_vocab)
     if triton_rows:
@@ -401,15 +404,14 @@ class PairFusedFunction(torch.autograd.Function):
 
 
 def _pair_fused(hidden_NH, weight, bias, targets_N, layout, ref_R, data, config, head, weights_N, scale,
-                normalizer):
-    valid_N = targets_N != head.ignore_index
+                normalizer, valid_N, counts_R):
     plans = plan_chunks(layout, head.chunk_tokens, hidden_NH.device, None if valid_N.is_cuda else valid_N)
     if scale is None:
-        scale = S.nll_scale(layout, S.segment_sum(valid_N.float(), layout.token_response, layout.num_responses))
+        scale = S.nll_scale(layout, counts_R)
     triton_rows = _resolve_impl(head.impl, hidden_NH.device) == "triton"
     mean_head = None if triton_rows else _mean_head(weight, bias, head)
     params = FusedParams(plans, config, data, head, normalizer, layout.num_responses, scale, ref_R, weights_N,
-                         mean_head)
+                         mean_head, triton_rows)
     loss, *stats = PairFusedFunction.apply(hidden_NH, weight, bias, targets_N, params)
     with torch.no_grad():
         result = S.evaluate(SequenceStats(*stats), ref_R, layout, data, config, scale)
@@ -478,8 +480,8 @@ def fused_linear_preference_loss(
         layout = _default_layout(targets, labels is not None)
     layout = _check_layout(layout, hidden_NH.shape[0], hidden.device)
     valid_N = targets_N != ignore_index
-    _check_nonempty(S.segment_sum(valid_N.float(), layout.token_response, layout.num_responses),
-                    allow_empty_completions)
+    counts_R = S.segment_sum(valid_N.float(), layout.token_response, layout.num_responses)
+    _check_nonempty(counts_R, allow_empty_completions)
     weights_N = S.token_weights_for(layout, valid_N, token_weights, ld_alpha)
     ref_R = _reference_sums(ref_hidden, ref_weight, ref_bias, ref_logps, targets_N, layout, weights_N, head)
     G, dev = layout.num_groups, hidden.device
@@ -490,7 +492,7 @@ def fused_linear_preference_loss(
     grad_needed = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if resolve_path(path, names, grad_needed, nll_targets=nll_targets is not None) == "pair_fused":
         return _pair_fused(hidden_NH, weight, bias, targets_N, layout, ref_R, data, config, head, weights_N,
-                           nll_scale, normalizer)
+                           nll_scale, normalizer, valid_N, counts_R)
     nll_N = None
     if nll_targets is not None:
         nll_N = validate_head_inputs(hidden, weight, nll_targets, bias=bias, **head.op_kwargs()).reshape(-1)
